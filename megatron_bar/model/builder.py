@@ -1,0 +1,74 @@
+"""Build the megatron ``GPTModel`` of a :class:`ModelConfig` for this rank."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_bar import platform
+from megatron_bar.model.config import ModelConfig, to_transformer_config
+from megatron_bar.model.spec import backend_for, olmo2_block_spec
+
+
+def transformer_config_for_this_rank(
+    cfg: ModelConfig,
+    params_dtype: torch.dtype | None = None,
+    use_transformer_engine: bool | None = None,
+    **overrides,
+):
+    """The TransformerConfig of ``cfg`` at the parallel layout megatron was initialised with."""
+    if use_transformer_engine is None:
+        use_transformer_engine = platform.has_transformer_engine()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    overrides.setdefault("sequence_parallel", tp > 1)
+    return to_transformer_config(
+        cfg,
+        tp=tp,
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        params_dtype=params_dtype or platform.default_train_dtype(),
+        use_transformer_engine=use_transformer_engine,
+        use_cpu_initialization=not platform.has_gpu(),
+        **overrides,
+    )
+
+
+def build_model(
+    cfg: ModelConfig,
+    params_dtype: torch.dtype | None = None,
+    use_transformer_engine: bool | None = None,
+    **config_overrides,
+) -> GPTModel:
+    """This rank's part of the model (its pipeline stage, TP and EP shards), on its device.
+
+    Requires :func:`megatron_bar.platform.initialize` to have set up the parallel groups.
+    """
+    if use_transformer_engine is None:
+        use_transformer_engine = platform.has_transformer_engine()
+    config = transformer_config_for_this_rank(
+        cfg, params_dtype, use_transformer_engine, **config_overrides
+    )
+    tp = config.tensor_model_parallel_size
+    if cfg.padded_vocab_size % tp:
+        raise ValueError(
+            f"padded vocabulary {cfg.padded_vocab_size} (vocab_pad_multiple "
+            f"{cfg.vocab_pad_multiple}) does not divide by tensor-parallel size {tp}"
+        )
+    if cfg.num_kv_heads % tp:
+        raise ValueError(f"num_kv_heads {cfg.num_kv_heads} does not divide by TP size {tp}")
+    backend = backend_for(use_transformer_engine)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=olmo2_block_spec(config, backend),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=cfg.rope_theta,
+    )
+    return model.to(platform.device())

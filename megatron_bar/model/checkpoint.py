@@ -1,0 +1,60 @@
+"""Model checkpoints: a megatron dist checkpoint plus the ``model_config.json`` that says
+what model it holds.
+
+The dist checkpoint stores every tensor with its global shape (layers stacked, experts
+indexed globally), so the same folder loads at any TP / PP / EP; megatron reshards on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_bar.model.config import ConfigError, ModelConfig
+from megatron_bar.utils.fs import atomic_output_dir
+
+# Fields that may differ between a checkpoint and the model it is loaded into: they change
+# how the model runs, not what its tensors are.
+RUNTIME_FIELDS = ("moe_topk", "max_position_embeddings", "hf_extra")
+
+
+class CheckpointMismatch(ConfigError):
+    pass
+
+
+def check_same_architecture(expected: ModelConfig, found: ModelConfig, where: str) -> None:
+    a = {k: v for k, v in expected.to_dict().items() if k not in RUNTIME_FIELDS}
+    b = {k: v for k, v in found.to_dict().items() if k not in RUNTIME_FIELDS}
+    diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+    if diff:
+        lines = ", ".join(f"{k}: model {x!r} vs checkpoint {y!r}" for k, (x, y) in diff.items())
+        raise CheckpointMismatch(f"{where} holds another architecture ({lines})")
+
+
+def save_model(model, cfg: ModelConfig, directory: str | Path, write_extra=None) -> Path:
+    """Write ``model`` (this rank's shards; every rank calls) to ``directory``, atomically.
+
+    ``write_extra(tmp_dir)`` runs on rank 0 before the rename, for files that belong with
+    the weights (the tokenizer, a manifest).
+    """
+    directory = Path(directory)
+    rank0 = dist.get_rank() == 0
+    with atomic_output_dir(directory, is_writer=rank0, barrier=dist.barrier) as tmp:
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        if rank0:
+            cfg.save(tmp)
+            if write_extra:
+                write_extra(tmp)
+    return directory
+
+
+def load_weights(model, cfg: ModelConfig, directory: str | Path) -> None:
+    """Load the checkpoint in ``directory`` into ``model`` (any parallel layout)."""
+    directory = Path(directory)
+    check_same_architecture(cfg, ModelConfig.load(directory), str(directory))
+    if not (directory / "metadata.json").is_file():
+        raise CheckpointMismatch(f"{directory}: no megatron dist checkpoint (metadata.json missing)")
+    state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,180 @@
+"""The one place that knows which device we run on.
+
+Everything device-specific lives here: the torch.distributed backend (NCCL on GPU, gloo
+on CPU), where tensors go, which layer implementations the model spec uses (Transformer
+Engine on GPU when installed, megatron's local modules otherwise), the default training
+dtype, and - on machines without CUDA - the patches that let megatron-core run there
+(:mod:`megatron_bar.platform.cpu`). No other module of megatron_bar mentions CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "ParallelLayout",
+    "has_gpu",
+    "device",
+    "backend",
+    "has_transformer_engine",
+    "default_train_dtype",
+    "initialize",
+    "shutdown",
+    "is_initialized",
+    "synchronize",
+    "manual_seed",
+]
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    if has_gpu():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    return "nccl" if has_gpu() else "gloo"
+
+
+def has_transformer_engine() -> bool:
+    """True where the Transformer Engine spec (fused kernels, grouped GEMM, FP8) can be used."""
+    if not has_gpu():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_train_dtype() -> torch.dtype:
+    """bf16 on GPU (the recipe's precision), fp32 on CPU (exact and deterministic)."""
+    return torch.bfloat16 if has_gpu() else torch.float32
+
+
+def synchronize() -> None:
+    if has_gpu():
+        torch.cuda.synchronize()
+
+
+def manual_seed(seed: int) -> None:
+    """Seed every generator the model and the data use, on every device."""
+    torch.manual_seed(seed)
+    if has_gpu():
+        torch.cuda.manual_seed_all(seed)
+
+
+def peak_memory_bytes() -> int:
+    if has_gpu():
+        return torch.cuda.max_memory_allocated()
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Model-parallel sizes; data parallelism is whatever of the world remains."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    sequence_parallel: bool | None = None  # None: on whenever tp > 1
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp
+
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_process_group(timeout_s: float) -> None:
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        # torchrun / srun: rank, world size and rendezvous come from the environment.
+        if has_gpu():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend(), timeout=timeout)
+    else:
+        # A plain `python` process: a one-rank group, so that megatron's parallel state
+        # (which always asks torch.distributed) works for tools and tests.
+        dist.init_process_group(
+            backend=backend(),
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+            timeout=timeout,
+        )
+
+
+def is_initialized() -> bool:
+    from megatron.core import parallel_state
+
+    return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+def initialize(layout: ParallelLayout | None = None, seed: int = 1234, timeout_s: float = 600.0):
+    """Start torch.distributed (if needed) and megatron's model-parallel groups.
+
+    Safe to call again with the same layout; a different layout re-creates the groups.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    layout = layout or ParallelLayout()
+    if not has_gpu():
+        from megatron_bar.platform.cpu import apply_cpu_patches
+
+        apply_cpu_patches()
+    if not dist.is_initialized():
+        _init_process_group(timeout_s)
+
+    world = dist.get_world_size()
+    if world % layout.model_parallel_size:
+        raise ValueError(
+            f"world size {world} is not divisible by tp*pp = {layout.tp}*{layout.pp}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() == layout.tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == layout.pp
+            and parallel_state.get_expert_model_parallel_world_size() == layout.ep
+        ):
+            tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+            return layout
+        parallel_state.destroy_model_parallel()
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+    )
+    manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    return layout
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-bar",
+    version="0.1.0",
+    description="BAR (Branch-Adapt-Route) modular post-training on megatron-core",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_bar", "megatron_bar.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # A range, not a pin: GPU clusters keep the CUDA build they installed. On a CPU
+        # machine install torch (CPU build) first; run_tests.sh does.
+        "torch>=2.6",
+        "megatron-core>=0.16.0,<0.17",
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "transformers>=5.0",
+        "psutil",  # megatron's dist-checkpoint writer needs it
+        "ray[default]>=2.40",
+        "math-verify",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "quant": ["nvidia-modelopt"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+)
