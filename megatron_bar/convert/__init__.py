@@ -39,7 +39,14 @@ TOKENIZER_SUBDIR = "tokenizer"
 # Buffers some HF checkpoints carry that are recomputed, not learnt.
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
-__all__ = ["hf_to_mcore", "mcore_to_hf", "HFFormatError", "build_for_conversion"]
+__all__ = [
+    "hf_to_mcore",
+    "mcore_to_hf",
+    "HFFormatError",
+    "build_for_conversion",
+    "checkpoint_dtype",
+    "TOKENIZER_SUBDIR",
+]
 
 
 def _require_one_rank():

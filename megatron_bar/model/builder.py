@@ -57,6 +57,9 @@ def build_model(
         )
     if cfg.num_kv_heads % tp:
         raise ValueError(f"num_kv_heads {cfg.num_kv_heads} does not divide by TP size {tp}")
+    ep = config.expert_model_parallel_size
+    if cfg.is_moe and cfg.num_experts % ep:
+        raise ValueError(f"num_experts {cfg.num_experts} does not divide by EP size {ep}")
     backend = backend_for(use_transformer_engine)
     model = GPTModel(
         config=config,

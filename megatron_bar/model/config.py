@@ -136,7 +136,10 @@ def to_transformer_config(
         kv_channels=cfg.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
-        qk_layernorm=True,
+        # The spec builds Olmo 2's full-width QK norm itself. megatron's flag means per-head
+        # norms replicated across TP, whose gradients finalize_model_grads sums over TP;
+        # ours are TP-split like the projection, so the flag must stay off.
+        qk_layernorm=False,
         add_bias_linear=False,
         add_qkv_bias=False,
         gated_linear_unit=True,

@@ -227,6 +227,7 @@ _DEVICE_PLACEMENT_MODULES = (
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.utils",
     "megatron.core.tensor_parallel.data",
+    "megatron.core.utils",  # GlobalMemoryBuffer: the sequence-parallel all-gather buffer
 )
 _CAUSAL_MASK_MODULES = ("megatron.core.transformer.utils",)
 _SCHEDULE_MODULES = (

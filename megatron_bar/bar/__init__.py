@@ -1,0 +1,1 @@
+"""What is specific to BAR: upcycling, freeze schedules, merging, router training."""

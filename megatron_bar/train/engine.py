@@ -1,0 +1,145 @@
+"""The pieces of a megatron training step, shared by every stage and by the tests.
+
+``wrap_ddp`` puts a model under megatron's DistributedDataParallel (gradient buffers,
+data-parallel reduction, the TP all-reduce of sequence-parallel norm gradients, the
+expert-parallel scaling); ``make_optimizer`` builds megatron's optimizer on it (Adam,
+gradient clipping, the distributed optimizer on GPU); ``forward_backward`` runs
+megatron's pipeline schedule over a list of microbatches and returns the losses and, on
+the last pipeline stage, the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_bar import platform
+
+
+def wrap_ddp(model, use_distributed_optimizer: bool | None = None) -> DistributedDataParallel:
+    if use_distributed_optimizer is None:
+        use_distributed_optimizer = platform.has_gpu()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    # The schedule calls these around backward; megatron-LM's training loop sets them too.
+    model.config.no_sync_func = ddp.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def make_optimizer(
+    ddp_model, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
+    adam_beta1: float = 0.9, adam_beta2: float = 0.95, adam_eps: float = 1e-8,
+):
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2,
+        adam_eps=adam_eps,
+        clip_grad=clip_grad,
+        bf16=ddp_model.config.bf16,
+        params_dtype=ddp_model.config.params_dtype,
+        use_distributed_optimizer=ddp_model.ddp_config.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [ddp_model])
+
+
+@dataclass
+class Microbatch:
+    """One microbatch, [b, s] each; ``attention_mask`` is megatron's [b, 1, s, s] (True = masked)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Per-token cross entropy over the true vocabulary (megatron's padded rows excluded)."""
+    logits = logits[..., :vocab_size].float()
+    return F.cross_entropy(logits.reshape(-1, vocab_size), labels.reshape(-1), reduction="none").view(
+        labels.shape
+    )
+
+
+@dataclass
+class StepOutput:
+    losses: list[torch.Tensor] = field(default_factory=list)  # per microbatch, last stage only
+    logits: list[torch.Tensor] = field(default_factory=list)  # when keep_logits
+
+
+def forward_backward(
+    model,
+    microbatches: list[Microbatch],
+    vocab_size: int,
+    forward_only: bool = False,
+    keep_logits: bool = False,
+    loss_fn: Callable | None = None,
+) -> StepOutput:
+    """Run megatron's schedule (no pipelining, or 1F1B when PP > 1) over ``microbatches``.
+
+    The loss of a microbatch is the mean token loss over its ``loss_mask``; the schedule
+    divides by the number of microbatches, and DDP averages over data-parallel ranks.
+    """
+    out = StepOutput()
+    device = platform.device()
+    it = iter(microbatches)
+    first = microbatches[0]
+
+    def forward_step(data_iterator, gpt):
+        mb = next(data_iterator)
+        tokens = mb.tokens.to(device)
+        position_ids = mb.position_ids
+        if position_ids is None:
+            position_ids = torch.arange(tokens.size(1), device=device).expand_as(tokens)
+        mask = mb.attention_mask.to(device) if mb.attention_mask is not None else None
+        output = gpt(tokens, position_ids.to(device), mask)
+
+        def loss_func(output_tensor):
+            logits = gather_from_tensor_model_parallel_region(output_tensor)
+            if keep_logits:
+                out.logits.append(logits[..., :vocab_size].detach().clone())
+            if loss_fn is not None:
+                loss = loss_fn(logits, mb)
+            else:
+                per_token = token_cross_entropy(logits, mb.labels.to(device), vocab_size)
+                lm = mb.loss_mask.to(device).float()
+                loss = (per_token * lm).sum() / lm.sum().clamp(min=1)
+            out.losses.append(loss.detach())
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=it,
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=first.tokens.size(1),
+        micro_batch_size=first.tokens.size(0),
+        forward_only=forward_only,
+    )
+    return out
+
+
+def is_last_stage() -> bool:
+    return parallel_state.is_pipeline_last_stage()

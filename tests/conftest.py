@@ -1,0 +1,40 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import tiny_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_dense_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf") / "olmo2"
+    tiny_hf_model(moe=False).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def hf_moe_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf") / "flexolmo"
+    tiny_hf_model(moe=True).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def mcore_dense_dir(hf_dense_dir, tmp_path_factory):
+    from megatron_bar.convert import hf_to_mcore
+
+    d = tmp_path_factory.mktemp("mcore") / "olmo2"
+    hf_to_mcore(hf_dense_dir, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def mcore_moe_dir(hf_moe_dir, tmp_path_factory):
+    from megatron_bar.convert import hf_to_mcore
+
+    d = tmp_path_factory.mktemp("mcore") / "flexolmo"
+    hf_to_mcore(hf_moe_dir, d)
+    return d

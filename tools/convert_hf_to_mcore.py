@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Convert an HF Olmo 2 (dense) or FlexOlmo (MoE) folder to a megatron dist checkpoint.
+
+The checkpoint loads at any TP / PP / EP. Example:
+    python tools/convert_hf_to_mcore.py --hf-dir allenai/OLMo-2-1124-7B-Instruct --save ckpt/olmo2-7b
+"""
+
+import argparse
+
+from megatron_bar.cli import run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
+    p.add_argument("--save", required=True, help="output checkpoint folder (must not exist)")
+    args = p.parse_args()
+
+    from megatron_bar.convert import hf_to_mcore
+
+    cfg = hf_to_mcore(args.hf_dir, args.save)
+    kind = f"MoE, {cfg.num_experts} experts, top-{cfg.moe_topk}" if cfg.is_moe else "dense"
+    print(f"wrote {args.save} ({kind}, {cfg.num_layers} layers, vocab {cfg.vocab_size})")
+
+
+if __name__ == "__main__":
+    run(main)
