@@ -189,23 +189,27 @@ class SentencePieceTokenizer(Tokenizer):
         self._model_size = self._sp.get_piece_size()
         self._added: list[str] = []  # beyond the model; id = model_size + index
         self._extra_special: list[str] = []  # add_special_tokens() calls, in order (for save)
+        # Every token that is matched in text before SentencePiece sees it.
         self._special_ids: dict[str, int] = {}
+        user_defined = self._user_defined_ids()
         for i in range(self._model_size):
-            if self._sp.is_control(i) or self._sp.is_unknown(i) or self._is_user_defined(i):
+            if self._sp.is_control(i) or self._sp.is_unknown(i) or i in user_defined:
                 self._special_ids[self._sp.id_to_piece(i)] = i
-        self._pattern = _specials_pattern(self._special_ids)
+        self._refresh_specials()
         self.add_special_tokens(added_special_tokens)
 
-    def _is_user_defined(self, i: int) -> bool:
-        # The Python API has no is_user_defined(); read the piece type from the proto once.
-        if not hasattr(self, "_user_defined_ids"):
-            from sentencepiece import sentencepiece_model_pb2 as pb
+    def _user_defined_ids(self) -> set[int]:
+        # The Python API has no is_user_defined(); read the piece types from the model proto.
+        from sentencepiece import sentencepiece_model_pb2 as pb
 
-            proto = pb.ModelProto()
-            proto.ParseFromString(self._sp.serialized_model_proto())
-            user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
-            self._user_defined_ids = {j for j, p in enumerate(proto.pieces) if p.type == user_defined}
-        return i in self._user_defined_ids
+        proto = pb.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
+        return {i for i, piece in enumerate(proto.pieces) if piece.type == user_defined}
+
+    def _refresh_specials(self) -> None:
+        self._pattern = _specials_pattern(self._special_ids)
+        self._id_to_special = {i: tok for tok, i in self._special_ids.items()}
 
     @property
     def model_path(self) -> Path:
@@ -242,7 +246,7 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        id_to_special = {i: tok for tok, i in self._special_ids.items()}
+        id_to_special = self._id_to_special
         parts: list[str] = []
         run: list[int] = []  # consecutive ordinary ids, decoded by SentencePiece together
         for raw in ids:
@@ -292,7 +296,7 @@ class SentencePieceTokenizer(Tokenizer):
                 self._special_ids[token] = existing
                 self._extra_special.append(token)
             ids.append(existing)
-        self._pattern = _specials_pattern(self._special_ids)
+        self._refresh_specials()
         return ids
 
     def save(self, directory: str | os.PathLike) -> Path:

@@ -186,4 +186,13 @@ def to_transformer_config(
             moe_permute_fusion=False,
         )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    renormalised_top1 = cfg.is_moe and cfg.moe_topk == 1 and cfg.norm_topk_prob
+    if renormalised_top1:
+        # megatron refuses top-1 without pre-softmax at validation, yet its top-k-then-
+        # softmax path is exactly FlexOlmo's renormalised top-1 (weight 1.0); validate the
+        # accepted form, then select the path the model needs.
+        kwargs["moe_router_pre_softmax"] = True
+    config = TransformerConfig(**kwargs)
+    if renormalised_top1:
+        config.moe_router_pre_softmax = False
+    return config

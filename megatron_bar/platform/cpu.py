@@ -286,11 +286,35 @@ def _patch_router_gemm():
         moe_utils.te_general_gemm = None
 
 
-def _patch_grad_norm():
+def _patch_grad_clipping():
     """``clip_grads.get_grad_norm_fp32`` reduces the norm in a tensor it allocates with
-    ``device='cuda'`` and sums per-tensor norms with apex/TE multi-tensor kernels; the
-    proxy places the tensor on CPU and megatron's own fallback kernel does the sum."""
+    ``device='cuda'`` (the proxy places it on CPU; megatron's own fallback kernel sums the
+    per-tensor norms). ``clip_grad_by_total_norm_fp32`` asserts every gradient is a
+    ``torch.cuda.FloatTensor``; the replacement checks for fp32 on any device and scales
+    exactly as megatron does (coefficient max_norm / (total_norm + 1e-6), applied when < 1).
+    """
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.utils import to_local_if_dtensor
+
     _proxy_torch_in(_OPTIMIZER_MODULES)()
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = []
+        for param in parameters:
+            grad = getattr(param, attr, None)
+            if grad is not None:
+                if grad.dtype not in (torch.float32, torch.bfloat16):
+                    raise TypeError(f"gradient clipping expects fp32/bf16 grads, got {grad.dtype}")
+                grads.append(to_local_if_dtensor(grad).detach())
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -326,7 +350,11 @@ PATCHES: tuple[Patch, ...] = (
         "with a device='cuda' tensor",
         _proxy_torch_in(_DDP_MODULES),
     ),
-    Patch("optimizer", "grad-norm reduction and clipping allocate on CUDA", _patch_grad_norm),
+    Patch(
+        "optimizer",
+        "grad-norm reduction allocates on CUDA and clipping asserts torch.cuda.FloatTensor",
+        _patch_grad_clipping,
+    ),
     Patch(
         "dist-checkpoint",
         "the checkpoint writer calls torch.cuda.synchronize() before writing",

@@ -287,19 +287,35 @@ def _private_uid(pid: int) -> int:
     return SANDBOX_UID_BASE + pid
 
 
-def _rlimits(timeout_s: float, memory_mb: int) -> dict[int, int]:
-    cpu_s = int(timeout_s) + 1  # the wall clock normally fires first
-    return {
-        resource.RLIMIT_AS: memory_mb << 20,
-        resource.RLIMIT_CPU: cpu_s,
-        resource.RLIMIT_NPROC: MAX_PROCESSES,
-        resource.RLIMIT_FSIZE: MAX_FILE_BYTES,
-        resource.RLIMIT_NOFILE: MAX_OPEN_FILES,
-        resource.RLIMIT_CORE: 0,
+def _rlimits(timeout_s: float, memory_mb: int) -> dict[int, tuple[int, int]]:
+    """(soft, hard) per resource, computed in the parent.
+
+    The CPU hard limit is one second above the soft one, so a CPU-bound
+    program gets SIGXCPU (which ``killed_by`` reports) before SIGKILL. The
+    wall clock normally fires first anyway. No value goes above the caller's
+    own hard limit, which a non-root caller could not raise.
+    """
+    cpu_s = int(timeout_s) + 1
+    wanted = {
+        resource.RLIMIT_AS: (memory_mb << 20,) * 2,
+        resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),
+        resource.RLIMIT_NPROC: (MAX_PROCESSES,) * 2,
+        resource.RLIMIT_FSIZE: (MAX_FILE_BYTES,) * 2,
+        resource.RLIMIT_NOFILE: (MAX_OPEN_FILES,) * 2,
+        resource.RLIMIT_CORE: (0, 0),
     }
+    limits = {}
+    for which, (soft, hard) in wanted.items():
+        ceiling = resource.getrlimit(which)[1]
+        if ceiling != resource.RLIM_INFINITY:
+            soft, hard = min(soft, ceiling), min(hard, ceiling)
+        limits[which] = (soft, hard)
+    return limits
 
 
-def _make_preexec(isolation: Isolation, workdir: str, limits: dict[int, int]) -> Callable[[], None]:
+def _make_preexec(
+    isolation: Isolation, workdir: str, limits: dict[int, tuple[int, int]]
+) -> Callable[[], None]:
     """Build the function the child runs after fork, before exec.
 
     The order matters: namespaces and chown need root, so they come before
@@ -322,8 +338,8 @@ def _make_preexec(isolation: Isolation, workdir: str, limits: dict[int, int]) ->
         ids = sandbox_ids()
         if ids is not None:
             os.chown(workdir, *ids)
-        for which, value in limits.items():
-            resource.setrlimit(which, (value, value))
+        for which, soft_hard in limits.items():
+            resource.setrlimit(which, soft_hard)
         if ids is not None:
             os.setgroups([])
             os.setgid(ids[1])
@@ -508,6 +524,13 @@ def _pump(proc: subprocess.Popen, stdin: bytes, deadline: float, max_output_byte
 # --------------------------------------------------------------------------- #
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # real-time signals have no name
+        return f"signal {signum}"
+
+
 def _spawn_and_collect(
     code: str,
     stdin: str,
@@ -550,7 +573,7 @@ def _spawn_and_collect(
         stdout=pumped.stdout.decode("utf-8", errors="replace"),
         stderr=pumped.stderr.decode("utf-8", errors="replace"),
         timed_out=pumped.timed_out,
-        killed_by=signal.Signals(-returncode).name if returncode < 0 else None,
+        killed_by=_signal_name(-returncode) if returncode < 0 else None,
         duration_s=duration_s,
         output_truncated=pumped.truncated,
     )

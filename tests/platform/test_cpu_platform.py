@@ -1,0 +1,135 @@
+"""Each CPU patch of megatron-core, exercised through the megatron code it fixes."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import batch
+from megatron_bar import platform
+from megatron_bar.platform import cpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank():
+    platform.initialize()
+
+
+def test_patches_are_named_and_applied():
+    assert cpu.cpu_patches_applied()
+    names = [p.name for p in cpu.PATCHES]
+    assert len(names) == len(set(names))
+    assert {"device-placement", "causal-mask", "rng-tracker", "router-gemm", "schedules", "ddp",
+            "optimizer", "dist-checkpoint"} <= set(names)
+    assert all(p.why for p in cpu.PATCHES)
+
+
+def test_global_torch_is_untouched():
+    """Only megatron's modules see the CPU stand-in; everyone else keeps real torch."""
+    from megatron.core.transformer import utils as mcore_utils
+
+    assert mcore_utils.torch is not torch
+    assert torch.cuda.current_device.__module__ == "torch.cuda"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()  # no CUDA here: the real call still fails
+
+
+def test_untested_megatron_version_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu, "mcore_version", lambda: "0.99.0")
+    monkeypatch.delenv(cpu.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(cpu.UnsupportedMegatronVersion, match="0.99.0.*0.16.1"):
+        cpu.check_mcore_version()
+    monkeypatch.setenv(cpu.ALLOW_UNTESTED_ENV, "1")
+    cpu.check_mcore_version()
+
+
+def test_patches_refuse_a_cuda_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu, "_applied", False)
+    with pytest.raises(RuntimeError, match="without CUDA"):
+        cpu.apply_cpu_patches()
+
+
+def test_causal_mask():
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    mask = get_default_causal_mask(5)
+    assert mask.device.type == "cpu"
+    assert torch.equal(mask, torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1))
+
+
+def test_rng_tracker_forks_a_separate_reproducible_stream():
+    from megatron.core import tensor_parallel
+
+    def draw():
+        tensor_parallel.model_parallel_cuda_manual_seed(123, force_reset_rng=True)
+        torch.manual_seed(7)
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            forked = torch.rand(4)
+        after = torch.rand(4)
+        return forked, after
+
+    forked1, after1 = draw()
+    forked2, after2 = draw()
+    torch.manual_seed(7)
+    plain = torch.rand(4)
+    assert torch.equal(forked1, forked2)  # reproducible for a seed
+    assert torch.equal(after1, plain)  # the default stream is restored after the fork
+    assert not torch.equal(forked1, plain)  # and the fork is a different stream
+
+
+def test_router_gemm_falls_back_to_torch():
+    from megatron.core.transformer.moe import moe_utils
+
+    assert moe_utils.te_general_gemm is None
+
+
+def test_ddp_schedule_and_megatron_optimizer_train(mcore_moe_dir):
+    """megatron DDP + schedule + megatron's Adam with clipping: the grad norm it reports is
+    the true norm, and the loss falls."""
+    from megatron_bar.model.builder import build_model
+    from megatron_bar.model.checkpoint import load_weights
+    from megatron_bar.model.config import ModelConfig
+    from megatron_bar.train.engine import Microbatch, forward_backward, make_optimizer, wrap_ddp
+
+    cfg = ModelConfig.load(mcore_moe_dir)
+    model = build_model(cfg)
+    load_weights(model, cfg, mcore_moe_dir)
+    ddp = wrap_ddp(model)
+    optimizer = make_optimizer(ddp, lr=3e-3, clip_grad=1.0)
+    tokens, labels = batch(4, 16, seed=3)
+    mbs = [Microbatch(tokens[i : i + 2], labels[i : i + 2], torch.ones(2, 16)) for i in (0, 2)]
+
+    losses = []
+    for step in range(8):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        out = forward_backward(ddp, mbs, cfg.vocab_size)
+        losses.append(torch.stack(out.losses).mean().item())
+        if step == 0:
+            true_norm = math.sqrt(sum(p.main_grad.float().pow(2).sum().item() for p in model.parameters()))
+        ok, grad_norm, _ = optimizer.step()
+        assert ok
+        if step == 0:
+            assert abs(grad_norm - true_norm) <= 1e-4 * true_norm
+            # clipping scaled the gradients the optimizer used down to norm 1.0
+            assert grad_norm > 1.0
+            clipped = math.sqrt(sum(p.grad.float().pow(2).sum().item() for p in model.parameters()
+                                    if p.grad is not None))
+            assert abs(clipped - 1.0) <= 1e-4, clipped
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_dist_checkpoint_save_load_is_bit_exact(mcore_dense_dir, tmp_path):
+    from megatron_bar.model.builder import build_model
+    from megatron_bar.model.checkpoint import load_weights, save_model
+    from megatron_bar.model.config import ModelConfig
+
+    cfg = ModelConfig.load(mcore_dense_dir)
+    a = build_model(cfg)  # random init
+    save_model(a, cfg, tmp_path / "ckpt")
+    b = build_model(cfg, perform_initialization=False)
+    load_weights(b, cfg, tmp_path / "ckpt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), name
