@@ -96,7 +96,7 @@ def _get_math_pool() -> concurrent.futures.ProcessPoolExecutor:
     global _math_pool
     with _math_pool_lock:
         if _math_pool is None:
-            # spawn, not fork: forking a trainer that has CUDA and threads is unsafe.
+            # spawn, not fork: forking a trainer that holds a GPU context and threads is unsafe.
             _math_pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=_MATH_POOL_WORKERS, mp_context=multiprocessing.get_context("spawn")
             )
