@@ -8,7 +8,7 @@ import sys
 import warnings
 
 # Errors a user can fix (a path, a key, a file); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
+USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 
 
 def setup_logging() -> None:

@@ -29,7 +29,7 @@ from megatron_bar.convert.hf_io import (
     read_hf_config,
 )
 from megatron_bar.model.builder import build_model
-from megatron_bar.model.checkpoint import load_weights, save_model
+from megatron_bar.model.checkpoint import check_checkpoint_files, load_weights, save_model
 from megatron_bar.model.config import ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free
 
@@ -45,6 +45,7 @@ __all__ = [
     "HFFormatError",
     "build_for_conversion",
     "checkpoint_dtype",
+    "check_checkpoint_files",
     "TOKENIZER_SUBDIR",
 ]
 
@@ -109,6 +110,7 @@ def hf_to_mcore(hf_dir: str | Path, save_dir: str | Path) -> ModelConfig:
 
 
 def checkpoint_dtype(ckpt_dir: Path) -> torch.dtype:
+    check_checkpoint_files(ckpt_dir)
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     return meta["embedding.word_embeddings.weight"].dtype
 

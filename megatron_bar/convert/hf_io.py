@@ -48,9 +48,12 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise HFFormatError(f"{path}: not found (an HF model folder needs its config.json)")
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise HFFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise HFFormatError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+    return hf
 
 
 def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
@@ -171,6 +174,7 @@ class SafetensorsReader:
                 f"{self.dir}: no model.safetensors or model.safetensors.index.json"
             )
         self._handles: dict[Path, object] = {}
+        self._keys_of: dict[Path, set[str]] = {}
         if self.key_to_file is None:
             self.key_to_file = {k: single for k in self._open(single).keys()}
         else:
@@ -178,6 +182,11 @@ class SafetensorsReader:
                 if not f.is_file():
                     raise HFFormatError(f"{f}: listed in the index but missing")
                 self._open(f)
+            for key, f in self.key_to_file.items():
+                if key not in self._file_keys(f):
+                    raise HFFormatError(
+                        f"{f}: does not contain tensor {key!r}, which {index.name} places there"
+                    )
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -186,6 +195,11 @@ class SafetensorsReader:
             except Exception as e:  # safetensors raises its own error types
                 raise HFFormatError(f"{path}: unreadable safetensors file ({e})") from None
         return self._handles[path]
+
+    def _file_keys(self, path: Path) -> set[str]:
+        if path not in self._keys_of:
+            self._keys_of[path] = set(self._open(path).keys())
+        return self._keys_of[path]
 
     def keys(self) -> list[str]:
         return list(self.key_to_file)

@@ -7,10 +7,12 @@ indexed globally), so the same folder loads at any TP / PP / EP; megatron reshar
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_bar.model.config import ConfigError, ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir
@@ -50,11 +52,43 @@ def save_model(model, cfg: ModelConfig, directory: str | Path, write_extra=None)
     return directory
 
 
+def check_checkpoint_files(ckpt_dir: Path) -> None:
+    """Every file of the dist checkpoint in ``ckpt_dir`` is there at its full length.
+
+    Without this, a missing or cut-short file surfaces from deep inside megatron / torch
+    distributed checkpointing as a multi-rank traceback that does not say which file.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    marker = ckpt_dir / "metadata.json"
+    if not marker.is_file():
+        raise CheckpointMismatch(f"{marker}: not found - {ckpt_dir} holds no megatron dist checkpoint")
+    index = ckpt_dir / ".metadata"
+    if not index.is_file():
+        raise CheckpointMismatch(f"{index}: not found - the checkpoint in {ckpt_dir} is incomplete")
+    try:
+        backends = json.loads(marker.read_text())
+        meta = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except Exception as e:  # JSON, pickle and torch errors alike: the file is damaged
+        raise CheckpointMismatch(f"{ckpt_dir}: unreadable checkpoint metadata ({e})") from None
+    needed = {"common.pt": 0} if backends.get("common_backend") == "torch" else {}
+    for info in meta.storage_data.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointMismatch(f"{path}: missing - the checkpoint in {ckpt_dir} is incomplete")
+        if path.stat().st_size < size:
+            raise CheckpointMismatch(
+                f"{path}: truncated ({path.stat().st_size} bytes, the checkpoint metadata "
+                f"needs {size})"
+            )
+
+
 def load_weights(model, cfg: ModelConfig, directory: str | Path) -> None:
     """Load the checkpoint in ``directory`` into ``model`` (any parallel layout)."""
     directory = Path(directory)
     check_same_architecture(cfg, ModelConfig.load(directory), str(directory))
-    if not (directory / "metadata.json").is_file():
-        raise CheckpointMismatch(f"{directory}: no megatron dist checkpoint (metadata.json missing)")
+    check_checkpoint_files(directory)
     state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
     model.load_state_dict(state_dict, strict=True)
