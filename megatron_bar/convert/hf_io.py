@@ -31,6 +31,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
     "chat_template.jinja",
+    "megatron_bar_tokenizer.json",  # added special tokens of a SentencePiece tokenizer
 )
 # HF config fields carried through a conversion unchanged.
 _CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -44,12 +44,13 @@ def wrap_ddp(model, use_distributed_optimizer: bool | None = None) -> Distribute
 
 
 def make_optimizer(
-    ddp_model, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
+    ddp_model, lr: float, min_lr: float = 0.0, weight_decay: float = 0.0, clip_grad: float = 1.0,
     adam_beta1: float = 0.9, adam_beta2: float = 0.95, adam_eps: float = 1e-8,
 ):
     config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
+        min_lr=min_lr,
         weight_decay=weight_decay,
         adam_beta1=adam_beta1,
         adam_beta2=adam_beta2,
@@ -83,7 +84,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: 
 
 @dataclass
 class StepOutput:
-    losses: list[torch.Tensor] = field(default_factory=list)  # per microbatch, last stage only
+    """What the last pipeline stage saw. With per-token loss (``calculate_per_token_loss``)
+    ``losses`` holds each microbatch's loss *sum* and ``tokens`` its loss-token count."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    tokens: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # when keep_logits
 
 
@@ -97,9 +102,13 @@ def forward_backward(
 ) -> StepOutput:
     """Run megatron's schedule (no pipelining, or 1F1B when PP > 1) over ``microbatches``.
 
-    The loss of a microbatch is the mean token loss over its ``loss_mask``; the schedule
-    divides by the number of microbatches, and DDP averages over data-parallel ranks.
+    With ``config.calculate_per_token_loss`` (the trainer's setting) the loss is the mean
+    over every loss token of the step on all data-parallel ranks, whatever the layout:
+    each microbatch returns its loss sum and token count, and megatron divides the
+    gradients by the total count. Otherwise a microbatch's loss is its token mean, the
+    schedule averages microbatches and DDP averages data-parallel ranks.
     """
+    per_token = model.config.calculate_per_token_loss
     out = StepOutput()
     device = platform.device()
     it = iter(microbatches)
@@ -119,11 +128,15 @@ def forward_backward(
             if keep_logits:
                 out.logits.append(logits[..., :vocab_size].detach().clone())
             if loss_fn is not None:
-                loss = loss_fn(logits, mb)
-            else:
-                per_token = token_cross_entropy(logits, mb.labels.to(device), vocab_size)
-                lm = mb.loss_mask.to(device).float()
-                loss = (per_token * lm).sum() / lm.sum().clamp(min=1)
+                return loss_fn(logits, mb, out)
+            token_loss = token_cross_entropy(logits, mb.labels.to(device), vocab_size)
+            lm = mb.loss_mask.to(device).float()
+            loss_sum, count = (token_loss * lm).sum(), lm.sum()
+            if per_token:
+                out.losses.append(loss_sum.detach())
+                out.tokens.append(count.detach())
+                return loss_sum, count.to(torch.int), {"loss_sum": loss_sum.detach()}
+            loss = loss_sum / count.clamp(min=1)
             out.losses.append(loss.detach())
             return loss, {"loss": loss.detach()}
 

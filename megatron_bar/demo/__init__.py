@@ -1,0 +1,1 @@
+"""The tiny default: a model, tokenizer and data small enough for CPU, built offline."""

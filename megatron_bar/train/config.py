@@ -1,0 +1,209 @@
+"""Training configuration: typed dataclasses, loaded from YAML, with dotted overrides.
+
+    python -m megatron_bar.train examples/configs/tiny/sft.yaml train.steps=50 optim.lr=3e-4
+
+An unknown key - in the file or in an override - is an error that lists the valid keys of
+its section, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DatasetConfig:
+    path: str
+    kind: str = "chat"  # chat (JSONL with messages) | text (JSONL with text)
+    weight: float = 1.0
+    domain: str | None = None  # tag for stratified sampling and reports; default: file stem
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    tokenizer: str | None = None  # default: the tokenizer/ folder of model.load
+    seq_length: int = 512
+    max_bad_lines: int = 0  # malformed JSONL lines tolerated (reported) before failing
+    add_special_tokens: list[str] = field(default_factory=list)  # grow the vocabulary
+    sample_fraction: float = 1.0  # stratified by domain (the router stage uses 0.05)
+    document_mask: bool = True  # attention does not cross packed document boundaries
+
+
+@dataclass
+class ModelLoadConfig:
+    load: str = ""  # megatron_bar checkpoint to start from
+    moe_topk: int | None = None  # override the checkpoint's top-k
+    moe_aux_loss_coeff: float = 0.0
+    recompute: bool = False  # full activation recomputation
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    schedule: str = "cosine"  # cosine | constant | linear
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class TrainLoopConfig:
+    stage: str = "sft"  # midtrain | sft | rlvr | router (the freeze policy)
+    steps: int | None = None  # None: derived from epochs
+    epochs: float = 1.0
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 2  # sequences per forward/backward on one rank
+    seed: int = 1234
+    log_interval: int = 1
+    output_dir: str = "runs/default"  # metrics, plots, checkpoints (unless checkpoint.dir)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # default: <output_dir>/checkpoints
+    interval: int = 100  # steps between checkpoints (and one at the end)
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.train.output_dir) / "checkpoints")
+
+    def validate(self) -> "TrainConfig":
+        from megatron_bar.bar.freeze import FREEZE_POLICIES
+
+        if self.train.stage not in FREEZE_POLICIES:
+            raise ConfigError(
+                f"train.stage {self.train.stage!r} is not one of {sorted(FREEZE_POLICIES)}"
+            )
+        if self.optim.schedule not in ("cosine", "constant", "linear"):
+            raise ConfigError(f"optim.schedule {self.optim.schedule!r}: cosine, constant or linear")
+        if not self.model.load:
+            raise ConfigError("model.load is required (a megatron_bar checkpoint to start from)")
+        if not self.data.datasets:
+            raise ConfigError("data.datasets is empty")
+        for d in self.data.datasets:
+            if d.kind not in ("chat", "text"):
+                raise ConfigError(f"dataset {d.path}: kind {d.kind!r} is not chat or text")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+        if not 0 < self.data.sample_fraction <= 1:
+            raise ConfigError("data.sample_fraction must be in (0, 1]")
+        return self
+
+
+# -- building dataclasses from plain data ---------------------------------------------------
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if _is_dataclass_type(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _set_dotted(data: dict, dotted: str, value, cls) -> None:
+    parts = dotted.split(".")
+    node, node_cls, where = data, cls, ""
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node_cls)]
+        if part not in names:
+            raise ConfigError(
+                f"override {dotted!r}: unknown key {part!r} in {where or 'config'}; "
+                f"valid keys: {', '.join(names)}"
+            )
+        where = f"{where}.{part}" if where else part
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        sub = typing.get_type_hints(node_cls)[part]
+        if not _is_dataclass_type(sub):
+            raise ConfigError(f"override {dotted!r}: {where} is not a section")
+        node = node.setdefault(part, {})
+        node_cls = sub
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read ``path`` (YAML) and apply ``key=value`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw), TrainConfig)
+    # Relative paths are relative to the working directory, as in Megatron-LM.
+    return _build(TrainConfig, data, "").validate()
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

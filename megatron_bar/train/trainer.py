@@ -1,0 +1,229 @@
+"""One trainer for every stage of every expert: midtrain, sft, rlvr updates and router.
+
+    python -m megatron_bar.train CONFIG.yaml [key=value ...]          # one process
+    torchrun --nproc-per-node 8 -m megatron_bar.train CONFIG.yaml     # TP/PP/EP/DP from config
+
+A run starts from ``model.load`` (or, when ``<checkpoint dir>/latest`` exists, resumes
+from it), applies the stage's freeze policy, and trains with megatron DDP and megatron's
+optimizer. The loss is the token mean over the whole global batch, so runs at different
+TP / PP / DP sizes follow the same curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_bar import platform
+from megatron_bar.bar.freeze import (
+    FREEZE_POLICIES,
+    RouterRowFreeze,
+    apply_freeze_policy,
+    format_freeze_table,
+    freeze_counts,
+)
+from megatron_bar.bar.vocab import copy_with_grown_vocab
+from megatron_bar.data import add_chat_special_tokens, load_tokenizer
+from megatron_bar.model.builder import build_model
+from megatron_bar.model.checkpoint import check_same_architecture, load_weights
+from megatron_bar.model.config import ModelConfig
+from megatron_bar.train import checkpoint as ckpt
+from megatron_bar.train.config import TrainConfig, config_to_dict
+from megatron_bar.train.data import build_training_data, steps_for
+from megatron_bar.train.engine import forward_backward, make_optimizer, wrap_ddp
+from megatron_bar.train.metrics import MetricsLogger, plot_loss_curve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_checkpoint: Path
+    losses: list[float]
+    output_dir: Path
+
+
+def _print0(*args):
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def _is_logging_rank() -> bool:
+    # The last rank is on the last pipeline stage, where the loss is known.
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def _tokenizer_for(cfg: TrainConfig):
+    path = cfg.data.tokenizer or str(Path(cfg.model.load) / "tokenizer")
+    tokenizer = load_tokenizer(path)
+    if any(d.kind == "chat" for d in cfg.data.datasets):
+        add_chat_special_tokens(tokenizer)
+    if cfg.data.add_special_tokens:
+        tokenizer.add_special_tokens(cfg.data.add_special_tokens)
+    return tokenizer
+
+
+def _model_config(cfg: TrainConfig, start: Path, tokenizer) -> tuple[ModelConfig, ModelConfig]:
+    """(config of the checkpoint we start from, config of the model we train)."""
+    start_cfg = ModelConfig.load(start)
+    if cfg.model.moe_topk is not None:
+        start_cfg = start_cfg.with_(moe_topk=cfg.model.moe_topk)
+    if tokenizer.vocab_size < start_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but {start} has a vocabulary of "
+            f"{start_cfg.vocab_size}: is it the model's tokenizer?"
+        )
+    return start_cfg, start_cfg.with_(vocab_size=tokenizer.vocab_size)
+
+
+def _build(cfg: TrainConfig, model_cfg: ModelConfig):
+    return build_model(
+        model_cfg,
+        calculate_per_token_loss=True,
+        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+        recompute=cfg.model.recompute,
+    )
+
+
+def _initial_model(cfg: TrainConfig, start_cfg: ModelConfig, model_cfg: ModelConfig):
+    model = _build(cfg, model_cfg)
+    if model_cfg.vocab_size == start_cfg.vocab_size:
+        load_weights(model, start_cfg, cfg.model.load)
+        return model
+    # New special tokens: load at the old vocabulary, then grow (mean-initialised rows).
+    _print0(f"growing the vocabulary {start_cfg.vocab_size} -> {model_cfg.vocab_size}")
+    old = _build(cfg, start_cfg)
+    load_weights(old, start_cfg, cfg.model.load)
+    copy_with_grown_vocab(old, start_cfg, model, model_cfg)
+    return model
+
+
+def _scheduler(optimizer, cfg: TrainConfig, total_steps: int) -> OptimizerParamScheduler:
+    o = cfg.optim
+    style = {"cosine": "cosine", "constant": "constant", "linear": "linear"}[o.schedule]
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr if style != "constant" else o.lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+
+
+def _global_loss(out) -> tuple[float, int]:
+    """Token-mean loss of the step over every data-parallel rank (last stage only)."""
+    if not out.losses:
+        return math.nan, 0
+    totals = torch.stack([torch.stack(out.losses).sum(), torch.stack(out.tokens).sum()]).double()
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    cfg.validate()
+    layout = platform.ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
+    platform.initialize(layout, seed=cfg.train.seed)
+    if cfg.data.seq_length % cfg.parallel.tp:
+        raise ValueError(f"data.seq_length {cfg.data.seq_length} must divide by parallel.tp "
+                         f"{cfg.parallel.tp} (sequence parallelism splits it)")
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_root = cfg.checkpoint_dir
+    resume_from = ckpt.latest_checkpoint(ckpt_root)
+
+    tokenizer = _tokenizer_for(cfg)
+    data = build_training_data(cfg.data, tokenizer, cfg.train.seed)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp_size):
+        raise ValueError(
+            f"train.global_batch_size {cfg.train.global_batch_size} must be a multiple of "
+            f"micro_batch_size x data-parallel size ({cfg.train.micro_batch_size} x {dp_size})"
+        )
+    total_steps = steps_for(cfg.train.steps, cfg.train.epochs, len(data), cfg.train.global_batch_size)
+
+    start_cfg, model_cfg = _model_config(cfg, Path(cfg.model.load), tokenizer)
+    if resume_from is not None:
+        check_same_architecture(model_cfg, ModelConfig.load(resume_from), str(resume_from))
+        model = _build(cfg, model_cfg)  # weights come with the optimizer state below
+    else:
+        model = _initial_model(cfg, start_cfg, model_cfg)
+
+    policy = FREEZE_POLICIES[cfg.train.stage]
+    groups = apply_freeze_policy(model, policy, model_cfg.num_experts)
+    _print0(format_freeze_table(policy, freeze_counts(model, groups)))
+    router_rows = RouterRowFreeze(model, policy)
+    ddp = wrap_ddp(model)
+    optimizer = make_optimizer(
+        ddp, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr if cfg.optim.schedule != "constant" else cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay, clip_grad=cfg.optim.clip_grad,
+        adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
+    )
+    scheduler = _scheduler(optimizer, cfg, total_steps)
+
+    step = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        router_rows = RouterRowFreeze(model, policy)  # the row as loaded
+        _print0(f"resumed from {resume_from} at step {step}")
+
+    if dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        _print0(data.mixture_report)
+        _print0(f"{len(data)} sequences of {cfg.data.seq_length} tokens; {total_steps} steps of "
+                f"{cfg.train.global_batch_size} sequences")
+    metrics = MetricsLogger(out_dir, total_steps, start_step=step, enabled=_is_logging_rank())
+    losses = []
+    final = resume_from
+    while step < total_steps:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        microbatches = data.microbatches(
+            step, cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_rank, dp_size
+        )
+        out = forward_backward(ddp, microbatches, model_cfg.vocab_size)
+        router_rows.mask_gradients()
+        ok, grad_norm, _ = optimizer.step()
+        router_rows.restore()
+        scheduler.step(increment=1)
+        step += 1
+        loss, tokens = _global_loss(out)
+        losses.append(loss)
+        lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0
+        metrics.log(
+            step,
+            {"loss": loss, "lr": lr, "grad_norm": float(grad_norm or 0.0), "loss_tokens": tokens},
+            tokens=cfg.train.global_batch_size * cfg.data.seq_length,
+            print_line=step % cfg.train.log_interval == 0 or step == total_steps,
+        )
+        if step % cfg.checkpoint.interval == 0 or step == total_steps:
+            final = ckpt.save_checkpoint(
+                ckpt_root, step, model, optimizer,
+                {"step": step, "consumed_samples": step * cfg.train.global_batch_size,
+                 "scheduler": scheduler.state_dict(), "stage": cfg.train.stage},
+                model_cfg, tokenizer if dist.get_rank() == 0 else None, cfg.checkpoint.keep_last,
+            )
+    metrics.close()
+    if _is_logging_rank() and metrics.path.exists():
+        plot_loss_curve(metrics.path, out_dir / "loss.png", f"{cfg.train.stage}: loss")
+    dist.barrier()
+    return TrainResult(step, final, losses, out_dir)
