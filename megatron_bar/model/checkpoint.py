@@ -90,5 +90,8 @@ def load_weights(model, cfg: ModelConfig, directory: str | Path) -> None:
     directory = Path(directory)
     check_same_architecture(cfg, ModelConfig.load(directory), str(directory))
     check_checkpoint_files(directory)
-    state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
-    model.load_state_dict(state_dict, strict=True)
+    request = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, str(directory))
+    # A training checkpoint also carries optimizer state; megatron returns its common
+    # (non-sharded) part with every load, so keep just the model's keys.
+    model.load_state_dict({k: loaded[k] for k in request}, strict=True)

@@ -161,6 +161,12 @@ def _coerce(tp, value, where: str):
         return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-2" (no dot) as a string; users mean the number.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -187,6 +193,14 @@ def _set_dotted(data: dict, dotted: str, value, cls) -> None:
         node_cls = sub
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (YAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{what}".split())
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML) and apply ``key=value`` overrides (values parsed as YAML)."""
     path = Path(path)
@@ -195,12 +209,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw), TrainConfig)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
+        _set_dotted(data, key.strip(), value, TrainConfig)
     # Relative paths are relative to the working directory, as in Megatron-LM.
     return _build(TrainConfig, data, "").validate()
 
