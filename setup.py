@@ -24,6 +24,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "tensorboard",  # training metrics (torch.utils.tensorboard)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -97,6 +97,12 @@ def test_sft_freezes_exactly_and_loss_falls(tiny, sft_and_frozen):
     sft, _ = sft_and_frozen
     check_freezing(state_of(tiny["bar2"]), state_of(sft.final_checkpoint), "sft", vocab(tiny))
     assert sft.losses[-1] < sft.losses[0] - 2.0, (sft.losses[0], sft.losses[-1])
+    # metrics: one JSON line per step, TensorBoard events, the loss plot
+    rows = [json.loads(line) for line in (sft.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 101))
+    assert [r["loss"] for r in rows] == pytest.approx(sft.losses)
+    assert list((sft.output_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (sft.output_dir / "loss.png").stat().st_size > 1000
 
 
 def test_midtrain_freezes_exactly(tiny, sft_and_frozen):
