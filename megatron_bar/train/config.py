@@ -137,7 +137,9 @@ def _build(cls, data, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}")
+        raise ConfigError(
+            f"{where or 'config'}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}"
+        )
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)

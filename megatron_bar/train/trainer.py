@@ -147,6 +147,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     ckpt_root = cfg.checkpoint_dir
     resume_from = ckpt.latest_checkpoint(ckpt_root)
 
+    ModelConfig.load(cfg.model.load)  # not a checkpoint: say so, before looking for its tokenizer
     tokenizer = _tokenizer_for(cfg)
     data = build_training_data(cfg.data, tokenizer, cfg.train.seed)
     dp_rank = parallel_state.get_data_parallel_rank()
