@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from megatron_bar.demo.tiny import build_tiny_base
-from megatron_bar.demo.toy_data import write_toy_sets
 from megatron_bar.train.config import load_config
 from megatron_bar.train.metrics import read_metrics
 from megatron_bar.train.trainer import train
@@ -21,9 +19,9 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    paths = {**build_tiny_base(root), **write_toy_sets(root / "data")}
+def setup(tiny_base, toy_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    paths = {**tiny_base, **toy_data}
     datasets = json.dumps([
         {"path": str(paths["tool_use"]), "kind": "chat", "weight": 0.5, "domain": "tool_use"},
         {"path": str(paths["general"]), "kind": "chat", "weight": 0.5, "domain": "general"},

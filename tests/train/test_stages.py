@@ -11,8 +11,7 @@ import torch
 import megatron_bar
 from megatron_bar.bar.freeze import FREEZE_POLICIES, param_group
 from megatron_bar.data import ChatTemplate, load_tokenizer, parse_chat_record
-from megatron_bar.demo.tiny import build_tiny_base
-from megatron_bar.demo.toy_data import TOOL_CALL_TOKENS, write_toy_sets
+from megatron_bar.demo.toy_data import TOOL_CALL_TOKENS
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import load_weights
 from megatron_bar.model.config import ModelConfig
@@ -24,9 +23,8 @@ CONFIG = REPO / "examples" / "configs" / "tiny" / "sft_tool_use.yaml"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {**build_tiny_base(root), **write_toy_sets(root / "data")}
+def tiny(tiny_base, toy_data):
+    return {**tiny_base, **toy_data}
 
 
 def run_stage(tiny, out: Path, stage: str, steps: int, extra=(), load=None):
