@@ -299,6 +299,16 @@ class ChatTemplate:
                 put(self.newline_ids, 0)
         return TokenizedDocument(tokens, mask, record.domain)
 
+    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """The conversation so far plus the assistant marker: what a policy continues
+        from when it generates a reply (RLVR rollouts, evaluation). Identical to the
+        prefix that :meth:`encode` produces before that reply's first trained token."""
+        if not messages or messages[-1].role == "assistant":
+            raise ValueError("a prompt ends with a non-assistant message")
+        record = ChatRecord(tuple(messages) + (Message("assistant", ""),))
+        doc = self.encode(record)
+        return doc.tokens[: doc.loss_mask.index(1)]
+
 
 def encode_text(record: TextRecord, tokenizer: Tokenizer) -> TokenizedDocument:
     """Mid-training text: ``encode(text) + [EOS]``, every token trained.

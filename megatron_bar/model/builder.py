@@ -38,11 +38,14 @@ def build_model(
     cfg: ModelConfig,
     params_dtype: torch.dtype | None = None,
     use_transformer_engine: bool | None = None,
+    device: torch.device | None = None,
     **config_overrides,
 ) -> GPTModel:
     """This rank's part of the model (its pipeline stage, TP and EP shards), on its device.
 
-    Requires :func:`megatron_bar.platform.initialize` to have set up the parallel groups.
+    ``device="meta"`` builds the structure without storage (its sharded state dict
+    describes a checkpoint without holding one). Requires
+    :func:`megatron_bar.platform.initialize` to have set up the parallel groups.
     """
     if use_transformer_engine is None:
         use_transformer_engine = platform.has_transformer_engine()
@@ -61,7 +64,15 @@ def build_model(
     if cfg.is_moe and cfg.num_experts % ep:
         raise ValueError(f"num_experts {cfg.num_experts} does not divide by EP size {ep}")
     backend = backend_for(use_transformer_engine)
-    model = GPTModel(
+    device = torch.device(device) if device is not None else platform.device()
+    if device.type == "meta":
+        with device:
+            return _gpt_model(cfg, config, backend)
+    return _gpt_model(cfg, config, backend).to(device)
+
+
+def _gpt_model(cfg: ModelConfig, config, backend) -> GPTModel:
+    return GPTModel(
         config=config,
         transformer_layer_spec=olmo2_block_spec(config, backend),
         vocab_size=cfg.padded_vocab_size,
@@ -74,4 +85,3 @@ def build_model(
         rotary_percent=1.0,
         rotary_base=cfg.rope_theta,
     )
-    return model.to(platform.device())

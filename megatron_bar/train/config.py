@@ -81,6 +81,15 @@ class TrainLoopConfig:
 
 
 @dataclass
+class RouterConfig:
+    """Options of MoE models: router initialisation and routing statistics."""
+
+    init: str = "none"  # none | domain_means (each expert's row <- its domain's mean hidden state)
+    stats: bool = True  # write router_stats.{json,png}: share of tokens per expert per domain
+    stats_sequences: int = 16  # sequences per domain for the statistics and the init
+
+
+@dataclass
 class CheckpointConfig:
     dir: str | None = None  # default: <output_dir>/checkpoints
     interval: int = 100  # steps between checkpoints (and one at the end)
@@ -95,6 +104,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -118,6 +128,8 @@ class TrainConfig:
                 raise ConfigError(f"dataset {d.path}: kind {d.kind!r} is not chat or text")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+        if self.router.init not in ("none", "domain_means"):
+            raise ConfigError(f"router.init {self.router.init!r}: none or domain_means")
         if not 0 < self.data.sample_fraction <= 1:
             raise ConfigError("data.sample_fraction must be in (0, 1]")
         return self

@@ -89,6 +89,26 @@ class TrainingData:
         return out
 
 
+    def domain_batches(self, per_domain: int, micro_batch_size: int) -> dict[str, list]:
+        """Up to ``per_domain`` sequences of each domain, as (tokens, position_ids, mask)
+        batches, for router statistics and initialisation."""
+        domain_of = {s.name: s.domain for s in self.summaries}
+        chosen: dict[str, list[PackedSequence]] = {}
+        for seq, source in zip(self.sequences, self.sources):
+            picked = chosen.setdefault(domain_of[source], [])
+            if len(picked) < per_domain:
+                picked.append(seq)
+        out = {}
+        for domain, seqs in chosen.items():
+            batches = []
+            for i in range(0, len(seqs), micro_batch_size):
+                b = collate_packed(seqs[i : i + micro_batch_size])
+                batches.append((b.tokens, b.position_ids,
+                                b.attention_mask if self.document_mask else None))
+            out[domain] = batches
+        return out
+
+
 def steps_for(cfg_steps: int | None, epochs: float, num_sequences: int, global_batch_size: int) -> int:
     if cfg_steps is not None:
         return cfg_steps

@@ -136,6 +136,39 @@ def _global_loss(out) -> tuple[float, int]:
     return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
 
 
+def _expert_names(cfg: TrainConfig, model_cfg: ModelConfig) -> list[str]:
+    """Expert names from the merged checkpoint's manifest, else anchor / expert<e>."""
+    from megatron_bar.bar.merge import MANIFEST_FILE, read_manifest
+
+    if (Path(cfg.model.load) / MANIFEST_FILE).is_file():
+        experts = sorted(read_manifest(Path(cfg.model.load))["experts"], key=lambda e: e["index"])
+        names = ["anchor"] + [e["name"] for e in experts]  # the manifest lists experts 1..N
+        if len(names) == model_cfg.num_experts:
+            return names
+    return ["anchor"] + [f"expert{e}" for e in range(1, model_cfg.num_experts)]
+
+
+def _init_router_from_domains(cfg, model, model_cfg, data):
+    from megatron_bar.bar.router_stats import domain_mean_router_init
+
+    names = _expert_names(cfg, model_cfg)
+    batches = data.domain_batches(cfg.router.stats_sequences, cfg.train.micro_batch_size)
+    expert_domains = [None if n == "anchor" else n for n in names]
+    domain_mean_router_init(model, batches, expert_domains)
+    _print0(f"router rows initialised from domain means: {names}")
+
+
+def _router_report(cfg, model, model_cfg, data, out_dir: Path, stem: str):
+    from megatron_bar.bar.router_stats import routing_shares, write_routing_report
+
+    batches = data.domain_batches(cfg.router.stats_sequences, cfg.train.micro_batch_size)
+    shares = routing_shares(model, batches, _expert_names(cfg, model_cfg))
+    if dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path, _ = write_routing_report(shares, out_dir, stem)
+        _print0(f"router statistics: {json_path}")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     layout = platform.ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
@@ -166,6 +199,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         model = _initial_model(cfg, start_cfg, model_cfg)
 
+    if resume_from is None and cfg.router.init == "domain_means":
+        _init_router_from_domains(cfg, model, model_cfg, data)
+
     policy = FREEZE_POLICIES[cfg.train.stage]
     groups = apply_freeze_policy(model, policy, model_cfg.num_experts)
     _print0(format_freeze_table(policy, freeze_counts(model, groups)))
@@ -192,6 +228,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         _print0(data.mixture_report)
         _print0(f"{len(data)} sequences of {cfg.data.seq_length} tokens; {total_steps} steps of "
                 f"{cfg.train.global_batch_size} sequences")
+    write_router_stats = (cfg.router.stats and model_cfg.is_moe
+                          and parallel_state.get_pipeline_model_parallel_world_size() == 1)
+    if write_router_stats and step == 0:
+        _router_report(cfg, model, model_cfg, data, out_dir, "router_stats_start")
     metrics = MetricsLogger(out_dir, total_steps, start_step=step, enabled=_is_logging_rank())
     losses = []
     final = resume_from
@@ -224,6 +264,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 model_cfg, tokenizer if dist.get_rank() == 0 else None, cfg.checkpoint.keep_last,
             )
     metrics.close()
+    if write_router_stats:
+        _router_report(cfg, model, model_cfg, data, out_dir, "router_stats")
     if _is_logging_rank() and metrics.path.exists():
         plot_loss_curve(metrics.path, out_dir / "loss.png", f"{cfg.train.stage}: loss")
     dist.barrier()

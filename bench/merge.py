@@ -1,0 +1,201 @@
+"""Merging K expert checkpoints against a plain copy of the same bytes.
+
+    python bench/merge.py --experts 4                      # 4 experts, ~380 MB each (bf16)
+    python bench/merge.py --experts 2 --hidden 512 --layers 4
+
+Writes K synthetic 2-expert domain checkpoints of the given size (same anchor, every shared
+parameter and expert 1 different per domain - the worst case: everything shared is
+averaged), then, ``--repeat`` times in alternation:
+
+* merge: ``megatron_bar.bar.merge.merge_experts`` of the K checkpoints, in a child process
+  (so that its peak resident memory is its own: ``ru_maxrss`` of that process, which
+  includes the ~0.5 GB that importing torch and megatron-core costs; ``merge_rss_growth_mb``
+  is the part the merge itself adds). ``merge_s`` times the call, not the imports; it
+  includes every check, the divergence report and the sha256 content hash of every input;
+* copy: ``shutil.copytree`` of the same K checkpoint folders (the bytes the merge reads),
+  fsyncing each file as the merge fsyncs its output.
+
+The page cache is warm for both (the inputs were just written). The LAST line is a JSON
+object with ``merge_s``, ``copy_s``, ``ratio`` (merge / copy; medians over the repeats),
+``peak_rss_mb`` (the merge's, max over repeats) and ``largest_tensor_mb`` (the largest
+tensor the merge writes at once: the embedding / LM head), plus the sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--experts", type=int, default=4, help="K: domain checkpoints to merge")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--ffn", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--repeat", type=int, default=3, help="merge / copy rounds (medians reported)")
+    p.add_argument("--workdir", default=None, help="where to write (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: OUT NAME=DIR ...
+    return p.parse_args(argv)
+
+
+def _dtype(name):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def make_experts(args, root: Path) -> tuple[list[tuple[str, Path]], int]:
+    """K synthetic domain checkpoints; returns them and the largest tensor's bytes."""
+    import torch
+
+    from megatron_bar.bar.merge_io import write_checkpoint
+    from megatron_bar.model.config import ModelConfig
+    from megatron_bar.utils.fs import atomic_output_dir
+
+    cfg = ModelConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
+        num_layers=args.layers, num_attention_heads=args.heads, num_kv_heads=args.kv_heads,
+        num_experts=2, moe_topk=2,
+    )
+    dtype = _dtype(args.dtype)
+    largest = 0
+    out = []
+    for k in range(args.experts):
+
+        def fill(key, off, sz, k=k):
+            nonlocal largest
+            # the anchor (expert 0 of the expert tensors) is the same in every domain
+            anchor = ".mlp.experts." in key and off[1] == 0
+            g = torch.Generator().manual_seed(_seed(key, off, None if anchor else k))
+            t = torch.empty(sz, dtype=torch.float32).normal_(0, 0.02, generator=g).to(dtype)
+            largest = max(largest, t.nbytes)
+            return t
+
+        path = root / f"domain{k}"
+        with atomic_output_dir(path) as tmp:
+            write_checkpoint(cfg, dtype, tmp, fill)
+        out.append((f"domain{k}", path))
+    return out, largest
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def copy_folders(folders, dest: Path) -> float:
+    t0 = time.perf_counter()
+    for src in folders:
+        target = dest / Path(src).name
+        shutil.copytree(src, target)
+        for p in target.rglob("*"):
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    return time.perf_counter() - t0
+
+
+def run_child(out: str, experts: list[str]) -> None:
+    """In the child: merge, then print the time and this process's peak RSS."""
+    import resource
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import psutil
+
+    from megatron_bar.bar.merge import merge_experts, parse_named_dirs
+
+    before = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    merge_experts(parse_named_dirs(experts), out, print_fn=lambda *a: None)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"merge_s": seconds, "peak_rss": peak, "rss_before": before}))
+
+
+def merge_in_child(out: Path, experts) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(out)] + [f"{n}={p}" for n, p in experts]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MEGATRON_BAR_LOG_LEVEL": "WARNING"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"merge failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        run_child(args.child[0], args.child[1:])
+        return
+    if args.experts < 1:
+        raise SystemExit("--experts must be at least 1")
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        experts, largest = make_experts(args, root / "inputs")
+        model_bytes = _folder_bytes(experts[0][1])
+        in_bytes = sum(_folder_bytes(p) for _, p in experts)
+        print(f"{args.experts} synthetic domain checkpoints of {model_bytes / 2**20:.0f} MiB "
+              f"({args.dtype}) written in {time.perf_counter() - t0:.1f}s", flush=True)
+        merges, copies, peaks, growth = [], [], [], []
+        out_bytes = 0
+        for r in range(args.repeat):
+            out = root / f"merged{r}"
+            res = merge_in_child(out, experts)
+            out_bytes = _folder_bytes(out)
+            merges.append(res["merge_s"])
+            peaks.append(res["peak_rss"])
+            growth.append(res["peak_rss"] - res["rss_before"])
+            shutil.rmtree(out)
+            dest = root / f"copy{r}"
+            dest.mkdir()
+            copies.append(copy_folders([p for _, p in experts], dest))
+            shutil.rmtree(dest)
+            print(f"round {r}: merge {merges[-1]:.2f}s (peak RSS {peaks[-1] / 2**20:.0f} MiB), "
+                  f"copy {copies[-1]:.2f}s", flush=True)
+        merge_s, copy_s = statistics.median(merges), statistics.median(copies)
+        result = {
+            "experts": args.experts,
+            "merge_s": round(merge_s, 3),
+            "copy_s": round(copy_s, 3),
+            "ratio": round(merge_s / copy_s, 3),
+            "peak_rss_mb": round(max(peaks) / 2**20, 1),
+            "merge_rss_growth_mb": round(max(growth) / 2**20, 1),
+            "largest_tensor_mb": round(largest / 2**20, 1),
+            "model_mb": round(model_bytes / 2**20, 1),
+            "input_mb": round(in_bytes / 2**20, 1),
+            "output_mb": round(out_bytes / 2**20, 1),
+        }
+        print(json.dumps(result))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

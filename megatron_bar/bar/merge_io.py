@@ -1,0 +1,742 @@
+"""Streaming access to megatron dist checkpoints, for tools that must not hold a model.
+
+Reading (:class:`CheckpointReader`): any box of a stored tensor, in global coordinates,
+read straight from the ``.distcp`` files. A torch_dist checkpoint stores each chunk as a
+``torch.save`` archive (an uncompressed zip); the reader finds where the chunk's raw bytes
+start (torch's own zip reader) and ``pread``s only the rows asked for, so a caller can walk
+a 1 GB embedding in 4 MB blocks. Chunks stored in an unusual way (a view with strides, a
+storage transform) fall back to ``torch.load`` of that one chunk. The reader also hashes
+every chunk's bytes as they go by (sha256, on a background thread), for a content hash of
+the checkpoint's tensors that does not depend on how they are laid out in files.
+
+Writing (:func:`write_checkpoint`): megatron's own ``dist_checkpointing.save`` of the
+``sharded_state_dict`` of a model built on the *meta* device, so keys, global shapes,
+chunking, sharded objects, ``common.pt`` and ``metadata.json`` are exactly what megatron
+writes for that model - with a save strategy whose planner computes each chunk only when
+the writer asks for it (``resolve_data``) and a writer that writes chunks one at a time and
+keeps none. A chunk that is a stored input chunk unchanged is copied as its stored archive
+(``copy_file_range``). Peak memory is one output chunk plus what the caller needs to
+compute it; reused buffers (:class:`Buffers`) keep it flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo, _write_item
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+
+from megatron_bar import platform
+from megatron_bar.model.checkpoint import CheckpointMismatch, check_checkpoint_files
+from megatron_bar.model.config import ModelConfig
+
+# A block read or computed at once; what a merge holds per input is about this much.
+BLOCK_BYTES = 4 << 20
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) in global coordinates
+
+
+# -- boxes --------------------------------------------------------------------------------
+
+
+def _intersect(a_off, a_sz, b_off, b_sz):
+    off, sz = [], []
+    for ao, asz, bo, bsz in zip(a_off, a_sz, b_off, b_sz):
+        lo, hi = max(ao, bo), min(ao + asz, bo + bsz)
+        if hi <= lo:
+            return None
+        off.append(lo)
+        sz.append(hi - lo)
+    return tuple(off), tuple(sz)
+
+
+def local_slices(outer_off, off, sz) -> tuple[slice, ...]:
+    """Index of box ``(off, sz)`` inside a tensor holding the box that starts at ``outer_off``."""
+    return tuple(slice(o - oo, o - oo + s) for o, oo, s in zip(off, outer_off, sz))
+
+
+def row_blocks(offsets, sizes, itemsize: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, Box]]:
+    """Split a box into blocks of about ``block_bytes`` along its first axis longer than 1.
+
+    Yields ``(axis, (offsets, sizes))``; every block of a contiguous tensor holding the box
+    is a contiguous slice of it (the axes before ``axis`` have length 1).
+    """
+    offsets, sizes = tuple(offsets), tuple(sizes)
+    axis = next((i for i, s in enumerate(sizes) if s > 1), max(len(sizes) - 1, 0))
+    if not sizes:
+        yield 0, (offsets, sizes)
+        return
+    row = itemsize
+    for s in sizes[axis + 1:]:
+        row *= s
+    step = max(1, block_bytes // max(row, 1))
+    for r0 in range(0, sizes[axis], step):
+        r1 = min(sizes[axis], r0 + step)
+        off = list(offsets)
+        sz = list(sizes)
+        off[axis] += r0
+        sz[axis] = r1 - r0
+        yield axis, (tuple(off), tuple(sz))
+
+
+def _contiguous_runs(chunk_sz, off, sz) -> Iterator[tuple[int, int, tuple]]:
+    """Contiguous element runs of box ``(off, sz)`` of a row-major tensor of shape ``chunk_sz``.
+
+    Yields ``(first_element, n_elements, index_of_the_run_in_the_box)``.
+    """
+    n = len(chunk_sz)
+    s = n  # dims s.. are covered fully
+    while s > 0 and off[s - 1] == 0 and sz[s - 1] == chunk_sz[s - 1]:
+        s -= 1
+    strides = [1] * n
+    for d in range(n - 2, -1, -1):
+        strides[d] = strides[d + 1] * chunk_sz[d + 1]
+    if s == 0:
+        total = 1
+        for x in chunk_sz:
+            total *= x
+        yield 0, total, tuple(slice(None) for _ in range(n))
+        return
+    k = s - 1  # the dim where a run is a range
+    run = sz[k] * (strides[k] if n else 1)
+    outer = [range(sz[d]) for d in range(k)]
+
+    def rec(d, idx, base):
+        if d == k:
+            first = base + off[k] * strides[k]
+            yield first, run, tuple(idx) + (slice(None),) * (n - k)
+            return
+        for i in outer[d]:
+            yield from rec(d + 1, idx + [i], base + (off[d] + i) * strides[d])
+
+    yield from rec(0, [], 0)
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+class Buffers:
+    """Reusable memory. Fresh allocations of tens of MB cost page faults on every use
+    (glibc maps and unmaps them), often more than the arithmetic on them; these are
+    faulted in once and reused, which also keeps the resident size flat."""
+
+    def __init__(self):
+        self._bufs: dict[object, torch.Tensor] = {}
+
+    def get(self, name, sizes, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``sizes`` in buffer ``name`` (contents undefined)."""
+        n = torch.empty((), dtype=dtype).element_size()
+        for s in sizes:
+            n *= s
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n:
+            wait_for_hashes()
+            buf = self._bufs[name] = torch.empty(max(n, 1), dtype=torch.uint8)
+        return buf[:n].view(dtype).view(tuple(sizes))
+
+    def exact(self, name, sizes, dtype: torch.dtype) -> torch.Tensor:
+        """Like :meth:`get`, but the tensor's storage is exactly its bytes (what
+        ``torch.save`` writes is the whole storage)."""
+        t = self.get(name, sizes, dtype)
+        if t.numel() == 0:
+            return torch.empty(tuple(sizes), dtype=dtype)
+        mem = memoryview(self._bufs[name].numpy()).cast("B")[: t.numel() * t.element_size()]
+        return torch.frombuffer(mem, dtype=dtype).view(tuple(sizes))
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only window ``[start, start + length)`` of an open file, as a file."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, base + pos)
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.length - self.pos))
+        if n == 0:
+            return 0
+        got = os.preadv(self.fd, [memoryview(b)[:n]], self.start + self.pos)
+        self.pos += got
+        return got
+
+
+class _StorageRef:
+    def __init__(self, key, dtype, numel):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    def __init__(self, storage, storage_offset, size, stride):
+        self.storage, self.storage_offset = storage, storage_offset
+        self.size, self.stride = tuple(size), tuple(stride)
+
+
+def _rebuild(storage, storage_offset, size, stride, *args, **kwargs):
+    return _TensorRef(storage, storage_offset, size, stride)
+
+
+class _LayoutUnpickler(pickle.Unpickler):
+    """Reads the ``data.pkl`` of a saved tensor without touching its data: which storage
+    record, dtype, offset, shape and strides. Anything but a plain tensor is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild
+        if module == "torch" and name.endswith("Storage"):
+            return getattr(torch, name)
+        if (module, name) == ("collections", "OrderedDict"):
+            import collections
+
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        typename, storage_type, key, _location, numel = pid
+        if typename != "storage":
+            raise pickle.UnpicklingError(typename)
+        return _StorageRef(key, storage_type.dtype, numel)
+
+
+@dataclass
+class _Chunk:
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    blob_offset: int
+    blob_length: int
+    transformed: bool
+    data_offset: int | None = None  # absolute offset of the raw bytes in ``file``; None: use torch.load
+    resolved: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.sizes:
+            n *= s
+        return n
+
+
+class _ChunkHasher:
+    """sha256 of a chunk's raw bytes, fed in order as reads go by."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+        self.pos = 0  # bytes hashed so far
+        self.gap = False  # a read skipped ahead: hash again at the end
+
+    def update(self, start: int, data: memoryview):
+        if self.gap or start > self.pos:
+            self.gap = True
+            return
+        end = start + len(data)
+        if end <= self.pos:
+            return
+        self.h.update(data[self.pos - start:])
+        self.pos = end
+
+
+class HashQueue:
+    """Hashes on one background thread (hashlib releases the GIL), in submission order.
+
+    A job hashes memory the caller still owns: before that memory is written again,
+    :meth:`wait_overlapping` (or :meth:`wait_all`) makes sure its jobs are done.
+    """
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="merge-hash")
+        self._pending: list[tuple[int, int, object]] = []  # (first byte, end, future)
+
+    def submit(self, fn, lo: int, hi: int) -> None:
+        self._pending = [p for p in self._pending if not p[2].done()]
+        self._pending.append((lo, hi, self._pool.submit(fn)))
+
+    def wait_overlapping(self, lo: int, hi: int) -> None:
+        for a, b, fut in self._pending:
+            if a < hi and lo < b:
+                fut.result()
+
+    def wait_all(self) -> None:
+        for _, _, fut in self._pending:
+            fut.result()
+        self._pending = []
+
+
+_HASH_QUEUE: HashQueue | None = None
+
+
+def hash_queue() -> HashQueue:
+    global _HASH_QUEUE
+    if _HASH_QUEUE is None:
+        _HASH_QUEUE = HashQueue()
+    return _HASH_QUEUE
+
+
+def wait_for_hashes(t: torch.Tensor | None = None) -> None:
+    """Before writing into ``t`` (default: anything): finish the hashing of reads into it."""
+    q = hash_queue()
+    if t is None:
+        q.wait_all()
+    elif t.numel():
+        lo = t.data_ptr()
+        q.wait_overlapping(lo, lo + t.numel() * t.element_size())
+
+
+class CheckpointReader:
+    """One megatron_bar checkpoint folder, read a box at a time."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"{self.dir}: no such checkpoint folder")
+        self.config = ModelConfig.load(self.dir)
+        check_checkpoint_files(self.dir)
+        meta = FileSystemReader(str(self.dir)).read_metadata()
+        self.tensors: dict[str, TensorStorageMetadata] = {
+            k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
+        self._chunks: dict[str, list[_Chunk]] = {}
+        for key, tmeta in self.tensors.items():
+            chunks = []
+            for c in tmeta.chunks:
+                info = meta.storage_data.get(MetadataIndex(key, c.offsets))
+                if info is None:
+                    raise CheckpointMismatch(f"{self.dir}: tensor {key!r} chunk {list(c.offsets)} has no stored data")
+                chunks.append(_Chunk(
+                    key, tuple(c.offsets), tuple(c.sizes), info.relative_path, info.offset,
+                    info.length, bool(getattr(info, "transform_descriptors", None)),
+                ))
+            self._chunks[key] = chunks
+        self._fds: dict[str, int] = {}
+        self._hashers: dict[tuple, _ChunkHasher] = {}
+        self._loaded: tuple | None = None  # (chunk id, tensor) of the last torch.load fallback
+        self.bytes_read = 0
+
+    # -- metadata
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def stored_chunks(self, key: str) -> list[Box]:
+        return [(c.offsets, c.sizes) for c in self._chunks[key]]
+
+    # -- data
+
+    def _fd(self, name: str) -> int:
+        if name not in self._fds:
+            self._fds[name] = os.open(self.dir / name, os.O_RDONLY)
+        return self._fds[name]
+
+    def _resolve(self, c: _Chunk) -> None:
+        """Find where the chunk's raw bytes are (or decide on torch.load)."""
+        if c.resolved:
+            return
+        c.resolved = True
+        if c.transformed:
+            return
+        try:
+            reader = torch._C.PyTorchFileReader(_FileSlice(self._fd(c.file), c.blob_offset, c.blob_length))
+            if bytes(reader.get_record("byteorder")) != b"little" and reader.has_record("byteorder"):
+                return
+            ref = _LayoutUnpickler(io.BytesIO(bytes(reader.get_record("data.pkl")))).load()
+            dtype = self.dtype(c.key)
+            if not isinstance(ref, _TensorRef) or ref.storage.dtype != dtype or ref.size != c.sizes:
+                return
+            expect = []
+            acc = 1
+            for s in reversed(c.sizes):
+                expect.append(acc)
+                acc *= s
+            if any(s > 1 and st != e for s, st, e in zip(c.sizes, ref.stride, reversed(expect))):
+                return
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if (ref.storage_offset + c.numel) > ref.storage.numel:
+                return
+            rec = reader.get_record_offset(f"data/{ref.storage.key}")
+            c.data_offset = c.blob_offset + rec + ref.storage_offset * itemsize
+        except Exception:
+            c.data_offset = None
+
+    def _read_raw(self, c: _Chunk, first: int, dst: torch.Tensor, hash: bool = True) -> None:
+        """Elements ``first .. first + dst.numel()`` of chunk ``c`` into contiguous ``dst``."""
+        view = _as_bytes(dst)
+        itemsize = dst.element_size()
+        wait_for_hashes(dst)
+        fd, pos, done = self._fd(c.file), c.data_offset + first * itemsize, 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got <= 0:
+                raise CheckpointMismatch(f"{self.dir / c.file}: unexpected end of file reading {c.key!r}")
+            done += got
+        self.bytes_read += done
+        if len(view) and hash:
+            hasher, start = self._hasher(c), first * itemsize
+            lo = dst.data_ptr()
+            hash_queue().submit(lambda: hasher.update(start, view), lo, lo + len(view))
+
+    def _hasher(self, c: _Chunk) -> _ChunkHasher:
+        ident = (c.key, c.offsets)
+        h = self._hashers.get(ident)
+        if h is None:
+            h = self._hashers[ident] = _ChunkHasher()
+        return h
+
+    def _load_chunk(self, c: _Chunk) -> torch.Tensor:
+        ident = (c.key, c.offsets)
+        if self._loaded is None or self._loaded[0] != ident:
+            self._loaded = None
+            fd = self._fd(c.file)
+            blob = bytearray(c.blob_length)
+            view = memoryview(blob)
+            done = 0
+            while done < c.blob_length:
+                got = os.preadv(fd, [view[done:]], c.blob_offset + done)
+                if got <= 0:
+                    raise CheckpointMismatch(f"{self.dir / c.file}: unexpected end of file reading {c.key!r}")
+                done += got
+            self.bytes_read += done
+            t = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True).contiguous()
+            del blob, view
+            wait_for_hashes()
+            h = self._hasher(c)
+            if h.pos == 0 and not h.gap:
+                h.update(0, _as_bytes(t))
+            self._loaded = (ident, t)
+        return self._loaded[1]
+
+    def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int], out: torch.Tensor | None = None,
+             hash: bool = True) -> torch.Tensor:
+        """The box ``(offsets, sizes)`` of tensor ``key`` (global coordinates).
+
+        ``hash=False``: leave these bytes out of the content hash (the caller knows their
+        digest otherwise, see :meth:`adopt_hashes`)."""
+        offsets, sizes = tuple(offsets), tuple(sizes)
+        shape = self.shape(key)
+        if len(offsets) != len(shape) or any(o < 0 or o + s > g for o, s, g in zip(offsets, sizes, shape)):
+            raise CheckpointMismatch(f"{self.dir}: box {offsets}+{sizes} is outside {key!r} {list(shape)}")
+        dtype = self.dtype(key)
+        if out is None:
+            out = torch.empty(sizes, dtype=dtype)
+        covered = 0
+        for c in self._chunks[key]:
+            inter = _intersect(c.offsets, c.sizes, offsets, sizes)
+            if inter is None:
+                continue
+            ioff, isz = inter
+            n = 1
+            for s in isz:
+                n *= s
+            covered += n
+            dst = out[local_slices(offsets, ioff, isz)]
+            in_chunk = tuple(o - co for o, co in zip(ioff, c.offsets))
+            self._resolve(c)
+            if c.data_offset is None:
+                src = self._load_chunk(c)[local_slices((0,) * len(ioff), in_chunk, isz)]
+                dst.copy_(src)
+                continue
+            for first, count, idx in _contiguous_runs(c.sizes, in_chunk, isz):
+                target = dst[idx] if len(idx) else dst
+                if target.is_contiguous() and target.dtype == dtype and target.numel() == count:
+                    self._read_raw(c, first, target, hash)
+                else:
+                    tmp = torch.empty(count, dtype=dtype)
+                    self._read_raw(c, first, tmp, hash)
+                    target.copy_(tmp.view(target.shape))
+        total = 1
+        for s in sizes:
+            total *= s
+        if covered != total:
+            raise CheckpointMismatch(f"{self.dir}: tensor {key!r} is not fully stored in box {offsets}+{sizes}")
+        return out
+
+    # -- whole stored chunks
+
+    def stored_blob(self, key: str, offsets, sizes) -> "StoredBlob | None":
+        """The stored ``torch.save`` archive of exactly the box ``(offsets, sizes)``, when
+        the checkpoint stores that box as one plain contiguous chunk; else None.
+
+        Such an archive can be copied as it is into another checkpoint for a chunk of the
+        same shape and dtype (the archive does not record where the chunk sits)."""
+        offsets, sizes = tuple(offsets), tuple(sizes)
+        for c in self._chunks.get(key, []):
+            if c.offsets == offsets and c.sizes == sizes:
+                self._resolve(c)
+                if c.data_offset is None:
+                    return None
+                return StoredBlob(self, c)
+        return None
+
+    def hash_in_background(self, c: "_Chunk") -> None:
+        """Hash chunk ``c`` (unless done) on the hash thread, reading it there in blocks."""
+        ident = (c.key, c.offsets)
+        itemsize = torch.empty((), dtype=self.dtype(c.key)).element_size()
+        nbytes = c.numel * itemsize
+        h = self._hashers.get(ident)
+        if h is not None and (h.gap or h.pos > 0):
+            return  # being hashed by reads, or done; content_hash() completes the rest
+        h = self._hashers[ident] = _ChunkHasher()
+        fd, start = self._fd(c.file), c.data_offset
+
+        def job():
+            buf = bytearray(min(nbytes, BLOCK_BYTES * 4))
+            view = memoryview(buf)
+            pos = 0
+            while pos < nbytes:
+                n = min(len(buf), nbytes - pos)
+                got = os.preadv(fd, [view[:n]], start + pos)
+                if got <= 0:
+                    h.gap = True  # content_hash() reads it again and reports the error
+                    return
+                h.update(pos, view[:got])
+                pos += got
+
+        hash_queue().submit(job, 0, 0)
+        self.bytes_read += nbytes
+
+    # -- content hash
+
+    def adopt_hashes(self, key: str, other: "CheckpointReader", box_filter: Callable) -> int:
+        """Take the chunk digests of ``other`` for the chunks of ``key`` that ``box_filter``
+        accepts and that ``other`` stores in the same box and dtype - for bytes known to be
+        identical (compared), so they need not be hashed twice. Returns how many."""
+        wait_for_hashes()
+        if other.dtype(key) != self.dtype(key):
+            return 0
+        theirs = {(c.offsets, c.sizes): c for c in other._chunks.get(key, [])}
+        itemsize = torch.empty((), dtype=self.dtype(key)).element_size()
+        n = 0
+        for c in self._chunks[key]:
+            o = theirs.get((c.offsets, c.sizes))
+            if o is None or not box_filter(c.offsets, c.sizes):
+                continue
+            h = other._hashers.get((o.key, o.offsets))
+            if h is None or h.gap or h.pos != o.numel * itemsize:
+                continue
+            mine = _ChunkHasher()
+            mine.h, mine.pos = h.h.copy(), h.pos
+            self._hashers[(c.key, c.offsets)] = mine
+            n += 1
+        return n
+
+    def content_hash(self, keys: Sequence[str] | None = None) -> str:
+        """sha256 over the model config and the bytes of every chunk of ``keys`` (default:
+        all tensors), reading what no read has hashed yet. Independent of how the chunks
+        are laid out in files."""
+        top = hashlib.sha256()
+        top.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        self._loaded = None  # a cached chunk would not be hashed again
+        wait_for_hashes()
+        scratch = None
+        for key in sorted(self._chunks if keys is None else keys):
+            for c in sorted(self._chunks[key], key=lambda c: c.offsets):
+                h = self._hasher(c)
+                itemsize = torch.empty((), dtype=self.dtype(key)).element_size()
+                if h.gap or h.pos < c.numel * itemsize:
+                    h = self._hashers[(c.key, c.offsets)] = _ChunkHasher()
+                    for _, (boff, bsz) in row_blocks(c.offsets, c.sizes, itemsize):
+                        n = itemsize
+                        for x in bsz:
+                            n *= x
+                        if scratch is None or scratch.numel() < n:
+                            wait_for_hashes()
+                            scratch = torch.empty(n, dtype=torch.uint8)
+                        self.read(key, boff, bsz, out=scratch[:n].view(self.dtype(key)).view(bsz))
+                    wait_for_hashes()
+                    h = self._hashers[(c.key, c.offsets)]
+                top.update(f"{key}|{list(c.offsets)}|{list(c.sizes)}|{self.dtype(key)}|".encode())
+                top.update(h.h.digest())
+        return "sha256:" + top.hexdigest()
+
+    def close(self) -> None:
+        wait_for_hashes()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._loaded = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def meta_model(cfg: ModelConfig, dtype: torch.dtype):
+    """The TP=PP=EP=1 megatron model of ``cfg`` with every parameter on the meta device."""
+    from megatron_bar.model.builder import build_model
+
+    platform.initialize()
+    return build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta")
+
+
+def expected_tensors(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Key -> (global shape, dtype) of every tensor megatron saves for ``cfg``."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out = {}
+    for v in nested_values(meta_model(cfg, dtype).sharded_state_dict()):
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory)):
+            data = v.data
+            if isinstance(v, ShardedTensorFactory):
+                # the factory's key is the stored key; its global shape is that of the
+                # tensor it shards (experts and layers prepended)
+                sh = v.build()
+                sh = next(iter(nested_values(sh)))
+                out[v.key] = (tuple(sh.global_shape), data.dtype)
+            else:
+                out[v.key] = (tuple(v.global_shape), data.dtype)
+    return out
+
+
+@dataclass
+class StoredBlob:
+    """A stored chunk to be copied into the output verbatim (see ``stored_blob``)."""
+
+    reader: CheckpointReader
+    chunk: _Chunk
+
+    def copy_to(self, fd: int, pos: int) -> int:
+        """Copy the archive to ``fd`` at ``pos`` (in the kernel where it can); its length."""
+        c = self.chunk
+        src = self.reader._fd(c.file)
+        done = 0
+        while done < c.blob_length:
+            try:
+                got = os.copy_file_range(src, fd, c.blob_length - done, c.blob_offset + done, pos + done)
+            except OSError:
+                got = 0
+            if got <= 0:  # not supported here: through user space
+                data = os.pread(src, min(c.blob_length - done, 64 << 20), c.blob_offset + done)
+                if not data:
+                    raise CheckpointMismatch(f"{self.reader.dir / c.file}: unexpected end of file")
+                got = os.pwrite(fd, data, pos + done)
+            done += got
+        self.reader.hash_in_background(c)
+        return c.blob_length
+
+
+class _LazyPlanner(MCoreSavePlanner):
+    """megatron's save planner, except that tensor data comes from ``fill(key, offsets, sizes)``."""
+
+    def __init__(self, fill, **kwargs):
+        super().__init__(**kwargs)
+        self._fill = fill
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        chunk = write_item.tensor_data.chunk
+        return self._fill(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
+
+
+class _SerialWriter(FileSystemWriter):
+    """Writes the plan's items one after another into one file, keeping none of them."""
+
+    def write_data(self, plan, planner) -> torch.futures.Future:
+        file_name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        path = self.fs.concat_path(self.path, file_name)
+        items = sorted(plan.items, key=lambda wi: wi.type != WriteItemType.BYTE_IO)
+        results = []
+        with self.fs.create_stream(path, "wb") as stream:
+            for item in items:
+                data = planner.resolve_data(item)
+                if isinstance(data, StoredBlob):
+                    stream.flush()
+                    offset = stream.tell()
+                    length = data.copy_to(stream.fileno(), offset)
+                    stream.seek(offset + length)
+                    results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                               storage_data=_StorageInfo(file_name, offset, length)))
+                    continue
+                if item.type != WriteItemType.BYTE_IO:
+                    data = data.detach().contiguous()
+                    if data.untyped_storage().nbytes() != data.nbytes:
+                        data = data.clone()
+                results.append(_write_item(self.transforms, stream, data, item, file_name, self.serialization_format))
+                del data
+            if self.sync_files:
+                os.fsync(stream.fileno())
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(results)
+        return fut
+
+
+class _LazySaveStrategy(SaveShardedStrategy):
+    """torch_dist format (what megatron's default strategy writes), computed lazily."""
+
+    def __init__(self, fill: Callable):
+        super().__init__("torch_dist", 1)
+        self.fill = fill
+
+    @property
+    def can_handle_sharded_objects(self):
+        return True
+
+    def save(self, sharded_state_dict, checkpoint_dir):
+        state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+        pyt_state_dict = mcore_to_pyt_state_dict(state_dict, False)
+        dcp_save(
+            pyt_state_dict,
+            storage_writer=_SerialWriter(str(checkpoint_dir), thread_count=1),
+            planner=_LazyPlanner(self.fill, dedup_replicated_tensors=False, flatten_state_dict=False),
+        )
+
+
+def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable) -> None:
+    """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``.
+
+    ``fill(key, offsets, sizes)`` returns each stored chunk (a tensor of ``sizes``, in the
+    global coordinates megatron stores ``key`` in) - or a :class:`StoredBlob` of an input
+    holding exactly that chunk; it is called once per chunk, in turn.
+    """
+    sharded = meta_model(cfg, dtype).sharded_state_dict()
+    dist_checkpointing.save(sharded, str(directory), sharded_strategy=_LazySaveStrategy(fill))
+    cfg.save(directory)

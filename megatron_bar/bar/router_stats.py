@@ -1,0 +1,153 @@
+"""Where the router sends each domain's tokens, and router initialisation from domains.
+
+``routing_shares`` runs sequences of each domain through the model and counts, per MoE
+layer, the share of (token, top-k slot) assignments that went to each expert; written as
+JSON and drawn as a domain x expert heatmap. ``domain_mean_router_init`` sets each
+expert's router row to the mean hidden state its domain's tokens bring to that layer
+(FlexOlmo initialises router embeddings from domain data): a token then scores highest
+on the expert whose domain it resembles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_bar import platform
+
+
+def _routers(model) -> list[tuple[int, torch.nn.Module]]:
+    out = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp.router"):
+            out.append((int(name.split("layers.")[1].split(".")[0]), module))
+    return out
+
+
+class _RouterTap:
+    """Forward hooks that record each router's input hidden states and routing map."""
+
+    def __init__(self, model, keep_inputs: bool = False):
+        self.maps: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.inputs: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.handles = []
+        for layer, router in _routers(model):
+            self.handles.append(router.register_forward_hook(self._hook(layer, keep_inputs)))
+
+    def _hook(self, layer, keep_inputs):
+        def hook(module, args, output):
+            _, routing_map = output
+            self.maps[layer].append(routing_map.detach().reshape(-1, routing_map.size(-1)))
+            if keep_inputs:
+                x = args[0]
+                self.inputs[layer].append(x.detach().reshape(-1, x.size(-1)).float())
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _run(model, batches):
+    device = platform.device()
+    with torch.no_grad():
+        for tokens, position_ids, attention_mask in batches:
+            model(tokens.to(device), position_ids.to(device),
+                  None if attention_mask is None else attention_mask.to(device))
+
+
+def routing_shares(model, domain_batches: dict[str, list], expert_names: list[str] | None = None):
+    """{"experts": names, "domains": {domain: {"per_layer": [[share per expert]...],
+    "mean": [share per expert]}}} over the tokens of each domain's batches.
+
+    ``domain_batches[d]`` is a list of (tokens [b, s], position_ids, attention_mask | None).
+    Padding tokens are counted too (they are a small share in packed data).
+    """
+    was_training = model.training
+    model.eval()
+    result = {"domains": {}}
+    num_experts = None
+    for domain, batches in domain_batches.items():
+        tap = _RouterTap(model)
+        try:
+            _run(model, batches)
+        finally:
+            tap.close()
+        per_layer = []
+        for layer in sorted(tap.maps):
+            counts = torch.cat(tap.maps[layer]).sum(0).double()
+            num_experts = counts.numel()
+            per_layer.append((counts / counts.sum().clamp(min=1)).tolist())
+        mean = torch.tensor(per_layer).mean(0).tolist() if per_layer else []
+        result["domains"][domain] = {"per_layer": per_layer, "mean": mean}
+    result["experts"] = expert_names or [f"expert{e}" for e in range(num_experts or 0)]
+    model.train(was_training)
+    return result
+
+
+def write_routing_report(shares: dict, out_dir: str | Path, stem: str = "router_stats") -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(shares, indent=2) + "\n")
+    domains = list(shares["domains"])
+    matrix = [shares["domains"][d]["mean"] for d in domains]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(shares["experts"]), 1.0 + 0.5 * len(domains)), dpi=120)
+    im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(shares["experts"])), shares["experts"], rotation=30, ha="right")
+    ax.set_yticks(range(len(domains)), domains)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    ax.set_title("share of tokens routed to each expert (mean over layers)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    png_path = out_dir / f"{stem}.png"
+    fig.savefig(png_path)
+    plt.close(fig)
+    return json_path, png_path
+
+
+@torch.no_grad()
+def domain_mean_router_init(model, domain_batches: dict[str, list], expert_domains: list[str | None]):
+    """Set router row e of every layer to the mean router input over ``expert_domains[e]``'s
+    tokens (rows whose domain is None - the anchor - get the mean over all domains).
+
+    Rows are scaled to the mean norm of the existing non-zero rows (or 1 when all are zero)
+    so that the router's logit scale stays where training left it.
+    """
+    tap = _RouterTap(model, keep_inputs=True)
+    means: dict[str, dict[int, torch.Tensor]] = {}
+    try:
+        for domain, batches in domain_batches.items():
+            for lst in tap.inputs.values():
+                lst.clear()
+            _run(model, batches)
+            means[domain] = {layer: torch.cat(xs).mean(0) for layer, xs in tap.inputs.items()}
+    finally:
+        tap.close()
+    missing = {d for d in expert_domains if d is not None} - set(means)
+    if missing:
+        raise ValueError(f"router init: no data for expert domain(s) {sorted(missing)}")
+    for layer, router in _routers(model):
+        weight = router.weight
+        overall = torch.stack([means[d][layer] for d in means]).mean(0)
+        norms = weight.norm(dim=1)
+        scale = norms[norms > 0].mean().item() if (norms > 0).any() else 1.0
+        for e, domain in enumerate(expert_domains):
+            row = means[domain][layer] if domain is not None else overall
+            weight[e].copy_((row / row.norm().clamp(min=1e-12) * scale).to(weight.dtype))
+    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        for _, router in _routers(model):
+            dist.broadcast(router.weight.data, src=parallel_state.get_data_parallel_global_ranks()[0],
+                           group=parallel_state.get_data_parallel_group())
