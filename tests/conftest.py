@@ -38,3 +38,18 @@ def mcore_moe_dir(hf_moe_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("mcore") / "flexolmo"
     hf_to_mcore(hf_moe_dir, d)
     return d
+
+
+# The tiny default (megatron_bar.demo): shared by the train, bar and rl tests; never modify.
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> dict[str, Path]:
+    from megatron_bar.demo.tiny import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> dict[str, Path]:
+    from megatron_bar.demo.toy_data import write_toy_sets
+
+    return write_toy_sets(tmp_path_factory.mktemp("toy-data"))

@@ -17,9 +17,11 @@ def main():
     args = p.parse_args()
     from megatron_bar.demo.tiny import build_tiny_base
     from megatron_bar.demo.toy_data import write_toy_sets
+    from megatron_bar.demo.toy_rl import write_digit_prompts
 
     paths = build_tiny_base(args.out, seed=args.seed)
     data = write_toy_sets(args.out / "data", seed=args.seed)
+    data["digits"] = write_digit_prompts(args.out / "data" / "digits.jsonl", seed=args.seed)
     for name, path in {**paths, **data}.items():
         print(f"{name:>10}: {path}")
 

@@ -215,7 +215,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return " ".join(f"{where}{what}".split())
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path, overrides: list[str] = (), cls=None) -> TrainConfig:
     """Read ``path`` (YAML) and apply ``key=value`` overrides (values parsed as YAML)."""
     path = Path(path)
     if not path.is_file():
@@ -232,9 +232,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
-        _set_dotted(data, key.strip(), value, TrainConfig)
+        _set_dotted(data, key.strip(), value, cls or TrainConfig)
     # Relative paths are relative to the working directory, as in Megatron-LM.
-    return _build(TrainConfig, data, "").validate()
+    return _build(cls or TrainConfig, data, "").validate()
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -24,20 +24,6 @@ import yaml
 TRAIN_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> dict[str, Path]:
-    from megatron_bar.demo.tiny import build_tiny_base
-
-    return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
-
-
-@pytest.fixture(scope="session")
-def toy_data(tmp_path_factory) -> dict[str, Path]:
-    from megatron_bar.demo.toy_data import write_toy_sets
-
-    return write_toy_sets(tmp_path_factory.mktemp("toy-data"))
-
-
 class TrainCLI:
     """``python -m megatron_bar.train`` as a subprocess (fixture ``train_cli``)."""
 

@@ -1,0 +1,170 @@
+"""The rollout fleet: N rollout workers as Ray actors.
+
+Ray runs locally by default (``ray.init`` on this machine) and joins an existing cluster
+given its address (``rl.ray_address``, e.g. the head that ``slurm/math_rlvr.sh`` starts).
+Workers are placed by a placement group (one bundle per worker, spread over nodes where
+there are several) and restarted by Ray when they die; the fleet then pushes the current
+weights to the new process and retries the lost share of the rollout. Every wait has a
+timeout that ends in a clear error - nothing hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    pass
+
+
+@dataclass
+class FleetConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    ray_address: str | None = None  # None: start Ray on this machine
+    timeout_s: float = 600.0  # any single wait on a worker
+    max_retries: int = 2  # per rollout share, after a worker died
+    max_restarts: int = 4  # per worker, by Ray
+
+
+class RolloutFleet:
+    def __init__(self, hf_config: dict, cfg: FleetConfig):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from megatron_bar.rl.rollout import RolloutWorker
+
+        self.cfg = cfg
+        self._ray = ray
+        self._own_ray = not ray.is_initialized()
+        if self._own_ray:
+            if cfg.ray_address:
+                ray.init(address=cfg.ray_address, log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=max(1, int(cfg.num_workers * cfg.cpus_per_worker + 1)),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+        bundle = {"CPU": cfg.cpus_per_worker}
+        if cfg.gpus_per_worker:
+            bundle["GPU"] = cfg.gpus_per_worker
+        self.placement = placement_group([dict(bundle) for _ in range(cfg.num_workers)], strategy="SPREAD")
+        self._wait(self.placement.ready(), "placing the rollout workers (are the resources there?)")
+        actor = ray.remote(RolloutWorker)
+        self.workers = [
+            actor.options(
+                num_cpus=cfg.cpus_per_worker,
+                num_gpus=cfg.gpus_per_worker,
+                max_restarts=cfg.max_restarts,
+                max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement, placement_group_bundle_index=i
+                ),
+            ).remote(hf_config, cfg.threads_per_worker)
+            for i in range(cfg.num_workers)
+        ]
+        self._weights_ref = None
+        self.version = -1
+        self.restarts_seen = 0
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _wait(self, ref, what: str):
+        try:
+            return self._ray.get(ref, timeout=self.cfg.timeout_s)
+        except self._ray.exceptions.GetTimeoutError:
+            raise RolloutError(f"timed out after {self.cfg.timeout_s:.0f} s {what}") from None
+
+    def _revive(self, i: int) -> None:
+        """Worker ``i`` died: wait for Ray's restart, then give it the current weights."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while True:
+            try:
+                self._ray.get(self.workers[i].pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise RolloutError(f"rollout worker {i} did not come back within "
+                                       f"{self.cfg.timeout_s:.0f} s") from None
+                time.sleep(0.5)
+            except self._ray.exceptions.GetTimeoutError:
+                raise RolloutError(f"rollout worker {i} did not come back") from None
+        self.restarts_seen += 1
+        if self._weights_ref is not None:
+            self._wait(self.workers[i].set_weights.remote(self._weights_ref, self.version),
+                       f"re-sending weights to restarted worker {i}")
+        log.warning("rollout worker %d was restarted and has the weights of version %d", i, self.version)
+
+    # -- the interface -------------------------------------------------------------------
+
+    def push_weights(self, hf_state: dict, version: int) -> None:
+        """One copy into the object store; every worker loads it."""
+        self._weights_ref = self._ray.put(hf_state)
+        self.version = version
+        refs = {i: w.set_weights.remote(self._weights_ref, version) for i, w in enumerate(self.workers)}
+        for i, ref in refs.items():
+            try:
+                self._wait(ref, f"sending weights to worker {i}")
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
+                self._revive(i)
+
+    def generate(self, prompts: list[list[int]], samples_per_prompt: int, temperature: float,
+                 max_new_tokens: int, eos_id: int, pad_id: int, seed: int) -> list[dict]:
+        """Completions for every prompt, prompts split evenly over the workers."""
+        shares = [list(range(i, len(prompts), len(self.workers))) for i in range(len(self.workers))]
+
+        def launch(i):
+            share = [prompts[j] for j in shares[i]]
+            return self.workers[i].generate.remote(
+                share, samples_per_prompt, temperature, max_new_tokens, eos_id, pad_id, seed * 1000 + i
+            )
+
+        pending = {i: launch(i) for i in range(len(self.workers)) if shares[i]}
+        results: dict[int, list[dict]] = {}
+        attempts = {i: 0 for i in pending}
+        while pending:
+            i, ref = next(iter(pending.items()))
+            try:
+                out = self._wait(ref, f"waiting for rollouts from worker {i}")
+                for r in out:  # back to the caller's prompt numbering
+                    r["prompt_index"] = shares[i][r["prompt_index"]]
+                results[i] = out
+                del pending[i]
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
+                attempts[i] += 1
+                if attempts[i] > self.cfg.max_retries:
+                    raise RolloutError(f"rollout worker {i} died {attempts[i]} times in one step") from None
+                self._revive(i)
+                pending[i] = launch(i)
+        return [r for i in sorted(results) for r in results[i]]
+
+    def worker_pids(self) -> list[int]:
+        return [self._wait(w.pid.remote(), f"asking worker {i} for its pid") for i, w in enumerate(self.workers)]
+
+    def logprobs(self, worker: int, prompt: list[int], completion: list[int], temperature: float = 1.0):
+        return self._wait(self.workers[worker].logprobs.remote(prompt, completion, temperature),
+                          f"log-probs from worker {worker}")
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            try:
+                self._ray.kill(w)
+            except Exception:
+                pass
+        try:
+            remove_placement_group(self.placement)
+        except Exception:
+            pass
+        if self._own_ray:
+            self._ray.shutdown()

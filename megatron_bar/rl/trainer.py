@@ -1,0 +1,459 @@
+"""RLVR with GRPO: megatron-core trains, a Ray fleet of rollout workers generates.
+
+    python -m megatron_bar.rl CONFIG.yaml [key=value ...]                  # one process
+    torchrun --nproc-per-node 8 -m megatron_bar.rl CONFIG.yaml rl.ray_address=HEAD:6379
+
+Each step: rank 0 samples ``rl.prompts_per_rollout`` prompts, the fleet answers each
+``rl.samples_per_prompt`` times, the verifiers score the answers, GRPO turns the scores into
+group-relative advantages (groups whose rewards are all equal carry no signal and are
+dropped), the training ranks compute their own log-probs of the rollouts and take one
+optimizer step on the clipped policy loss (with truncated importance sampling against
+the rollout engine's log-probs), and the new weights go back to every worker. The
+``rlvr`` freeze policy applies: every shared parameter trains, the anchor expert stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_bar import platform
+from megatron_bar.bar.freeze import (
+    FREEZE_POLICIES,
+    RouterRowFreeze,
+    apply_freeze_policy,
+    format_freeze_table,
+    freeze_counts,
+)
+from megatron_bar.convert.hf_io import hf_config_from_model_config
+from megatron_bar.data import ChatTemplate, Message, add_chat_special_tokens, load_tokenizer
+from megatron_bar.data.chat import DataError, ROLES
+from megatron_bar.model.builder import build_model
+from megatron_bar.model.checkpoint import check_same_architecture, load_weights
+from megatron_bar.model.config import ModelConfig
+from megatron_bar.rl.grpo import drop_uniform_groups, group_advantages, policy_loss
+from megatron_bar.train import checkpoint as ckpt
+from megatron_bar.train.config import ConfigError, TrainConfig, config_to_dict
+from megatron_bar.train.engine import Microbatch, forward_backward, make_optimizer, wrap_ddp
+from megatron_bar.train.metrics import MetricsLogger, read_metrics
+from megatron_bar.train.trainer import _scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RLDatasetConfig:
+    path: str
+    reward: str = "math"  # math | code | tool_use | safety | package.module:function
+    weight: float = 1.0
+
+
+@dataclass
+class RLConfig:
+    datasets: list[RLDatasetConfig] = field(default_factory=list)
+    samples_per_prompt: int = 8
+    prompts_per_rollout: int = 64
+    temperature: float = 1.0
+    max_response_tokens: int = 256
+    advantage_scale: str = "group"  # group: (r - mean) / (std + eps) | none: centred (Dr. GRPO)
+    clip_low: float = 0.2
+    clip_high: float = 0.272
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
+    kl_beta: float = 0.0  # k3 KL to the starting policy; 0 = off (the recipe)
+    tis_cap: float = 2.0  # truncated importance sampling: rollout vs trainer log-probs
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    ray_address: str | None = None
+    timeout_s: float = 600.0
+
+
+@dataclass
+class RLTrainConfig(TrainConfig):
+    rl: RLConfig = field(default_factory=RLConfig)
+
+    def validate(self) -> "RLTrainConfig":
+        if not self.model.load:
+            raise ConfigError("model.load is required")
+        if not self.rl.datasets:
+            raise ConfigError("rl.datasets is empty")
+        if self.rl.samples_per_prompt < 2:
+            raise ConfigError("rl.samples_per_prompt must be at least 2 (GRPO compares a group)")
+        if self.rl.loss_agg not in ("token-mean", "seq-mean-token-mean"):
+            raise ConfigError(f"rl.loss_agg {self.rl.loss_agg!r}: token-mean or seq-mean-token-mean")
+        if self.rl.advantage_scale not in ("group", "none"):
+            raise ConfigError(f"rl.advantage_scale {self.rl.advantage_scale!r}: group or none")
+        if self.train.stage not in FREEZE_POLICIES:
+            raise ConfigError(f"train.stage {self.train.stage!r} is not one of {sorted(FREEZE_POLICIES)}")
+        if self.train.steps is None:
+            raise ConfigError("train.steps is required for RLVR (one step = one rollout + update)")
+        return self
+
+
+# -- prompts ------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    record: dict
+    tokens: list[int]
+    reward: str
+
+
+def read_prompts(path: str | Path, reward: str, template: ChatTemplate, max_bad_lines: int) -> list[Prompt]:
+    """RL prompts: JSONL with ``messages`` (ending with a user turn) or ``prompt`` (text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: RL prompt file not found")
+    prompts, bad = [], 0
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if "messages" in record:
+                messages = [Message(m["role"], m["content"]) for m in record["messages"]]
+            else:
+                messages = [Message("user", record["prompt"])]
+            if any(m.role not in ROLES for m in messages):
+                raise ValueError("unknown role")
+            prompts.append(Prompt(record, template.encode_prompt(messages), reward))
+        except (ValueError, KeyError, TypeError) as e:
+            bad += 1
+            log.warning("%s:%d: skipped malformed prompt (%s)", path, n, e)
+            if bad > max_bad_lines:
+                raise DataError(f"{path}:{n}: malformed prompt ({e}); more than "
+                                f"data.max_bad_lines={max_bad_lines} bad lines") from None
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def sample_prompts(pools: list[list[Prompt]], weights: list[float], count: int, seed: int) -> list[Prompt]:
+    rng = random.Random(seed)
+    total = sum(weights)
+    return [rng.choice(pools[_pick(rng, weights, total)]) for _ in range(count)]
+
+
+def _pick(rng, weights, total):
+    x, acc = rng.random() * total, 0.0
+    for i, w in enumerate(weights):
+        acc += w
+        if x < acc:
+            return i
+    return len(weights) - 1
+
+
+# -- rollouts -> training samples ---------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    prompt: list[int]
+    completion: list[int]
+    rollout_logprobs: list[float]
+    reward: float
+    advantage: float = 0.0
+
+
+def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns) -> tuple[list[Rollout], int]:
+    from megatron_bar.rl.rewards import safe_reward
+
+    rollouts, errors = [], 0
+    for r in rollouts_raw:
+        p = prompts[r["prompt_index"]]
+        text = tokenizer.decode([t for t in r["tokens"] if t != tokenizer.eos_id], skip_special_tokens=False)
+        value, error = safe_reward(reward_fns[p.reward], p.record, text)
+        errors += error is not None
+        rollouts.append(Rollout(p.tokens, r["tokens"], r["logprobs"], value))
+    return rollouts, errors
+
+
+def to_microbatches(rollouts: list[Rollout], length: int, micro_batch_size: int, pad_id: int) -> list[Microbatch]:
+    """prompt + completion, right-padded to ``length``; loss on the completion's tokens.
+
+    Extra fields ride along on each Microbatch: ``advantages`` [b], ``rollout_logprobs``
+    [b, length] aligned with the label positions.
+    """
+    out = []
+    for i in range(0, len(rollouts), micro_batch_size):
+        chunk = rollouts[i : i + micro_batch_size]
+        tokens = torch.full((len(chunk), length + 1), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length)
+        rollout_lp = torch.zeros(len(chunk), length)
+        for b, r in enumerate(chunk):
+            seq = (r.prompt + r.completion)[: length + 1]
+            tokens[b, : len(seq)] = torch.tensor(seq)
+            start = len(r.prompt) - 1  # label position of the first completion token
+            end = min(start + len(r.completion), length)
+            mask[b, start:end] = 1.0
+            rollout_lp[b, start:end] = torch.tensor(r.rollout_logprobs[: end - start])
+        mb = Microbatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask)
+        mb.advantages = torch.tensor([r.advantage for r in chunk])
+        mb.rollout_logprobs = rollout_lp
+        out.append(mb)
+    return out
+
+
+def _token_logprobs(logits, labels, vocab_size, temperature):
+    logits = logits[..., :vocab_size].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_rl(cfg: RLTrainConfig) -> dict:
+    from megatron_bar.rl.rewards import get_reward_fn
+
+    cfg.validate()
+    rl = cfg.rl
+    platform.initialize(platform.ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep),
+                        seed=cfg.train.seed)
+    rank0 = dist.get_rank() == 0
+    out_dir = Path(cfg.train.output_dir)
+    resume_from = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+
+    model_cfg = ModelConfig.load(cfg.model.load)
+    if cfg.model.moe_topk is not None:
+        model_cfg = model_cfg.with_(moe_topk=cfg.model.moe_topk)
+    tokenizer = load_tokenizer(cfg.data.tokenizer or str(Path(cfg.model.load) / "tokenizer"))
+    add_chat_special_tokens(tokenizer)
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {model_cfg.vocab_size}")
+    template = ChatTemplate(tokenizer)
+    pools = [read_prompts(d.path, d.reward, template, cfg.data.max_bad_lines) for d in rl.datasets]
+    reward_fns = {d.reward: get_reward_fn(d.reward) for d in rl.datasets}
+    max_prompt = max(len(p.tokens) for pool in pools for p in pool)
+    tp = cfg.parallel.tp
+    length = int(math.ceil((max_prompt + rl.max_response_tokens) / tp) * tp)
+
+    model = build_model(model_cfg, calculate_per_token_loss=True, recompute=cfg.model.recompute,
+                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
+    if resume_from is not None:
+        check_same_architecture(model_cfg, ModelConfig.load(resume_from), str(resume_from))
+    else:
+        load_weights(model, model_cfg, cfg.model.load)
+    policy = FREEZE_POLICIES[cfg.train.stage]
+    groups = apply_freeze_policy(model, policy, model_cfg.num_experts)
+    if rank0:
+        print(format_freeze_table(policy, freeze_counts(model, groups)), flush=True)
+    else:
+        freeze_counts(model, groups)
+    ddp = wrap_ddp(model)
+    optimizer = make_optimizer(ddp, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
+                               clip_grad=cfg.optim.clip_grad, adam_beta1=cfg.optim.adam_beta1,
+                               adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps)
+    total_steps = cfg.train.steps
+    scheduler = _scheduler(optimizer, cfg, total_steps)
+    step = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+    router_rows = RouterRowFreeze(model, policy)
+    ref_model = None
+    if rl.kl_beta > 0:
+        ref_model = build_model(model_cfg, perform_initialization=False)
+        load_weights(ref_model, model_cfg, cfg.model.load)
+        ref_model.eval()
+
+    fleet = None
+    if rank0:
+        from megatron_bar.rl.fleet import FleetConfig, RolloutFleet
+
+        fleet = RolloutFleet(
+            hf_config_from_model_config(model_cfg, torch.float32),
+            FleetConfig(num_workers=rl.num_workers, cpus_per_worker=rl.cpus_per_worker,
+                        gpus_per_worker=rl.gpus_per_worker, threads_per_worker=rl.threads_per_worker,
+                        ray_address=rl.ray_address, timeout_s=rl.timeout_s),
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    from megatron_bar.rl.weights import gather_hf_state_dict
+
+    def push(version):
+        t0 = time.perf_counter()
+        state = gather_hf_state_dict(model, model_cfg)
+        if rank0:
+            fleet.push_weights(state, version)
+        return time.perf_counter() - t0
+
+    push(step)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    mbs = cfg.train.micro_batch_size
+    metrics = MetricsLogger(out_dir, total_steps, start_step=step, enabled=rank0)
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            rollouts, stats = None, {}
+            if rank0:
+                prompts = sample_prompts(pools, [d.weight for d in rl.datasets], rl.prompts_per_rollout,
+                                         seed=cfg.train.seed * 100003 + step)
+                raw = fleet.generate([p.tokens for p in prompts], rl.samples_per_prompt, rl.temperature,
+                                     rl.max_response_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                                     seed=cfg.train.seed * 100003 + step)
+                t_gen = time.perf_counter() - t0
+                rollouts, reward_errors = score(raw, prompts, tokenizer, reward_fns)
+                rewards = torch.tensor([r.reward for r in rollouts])
+                adv = group_advantages(rewards, rl.samples_per_prompt, rl.advantage_scale)
+                keep, dropped = drop_uniform_groups(rewards, rl.samples_per_prompt)
+                for r, a in zip(rollouts, adv.tolist()):
+                    r.advantage = a
+                kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
+                lengths = torch.tensor([len(r.completion) for r in rollouts], dtype=torch.float)
+                stats = {
+                    "reward_mean": rewards.mean().item(),
+                    "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                    "reward_p10": rewards.quantile(0.1).item(),
+                    "reward_p50": rewards.quantile(0.5).item(),
+                    "reward_p90": rewards.quantile(0.9).item(),
+                    "reward_errors": reward_errors,
+                    "response_length": lengths.mean().item(),
+                    "groups_dropped_share": dropped / rl.prompts_per_rollout,
+                    "time_generation_s": t_gen,
+                    "worker_restarts": fleet.restarts_seen,
+                }
+                rollouts = kept
+            rollouts, stats = _broadcast((rollouts, stats))
+
+            t1 = time.perf_counter()
+            update = {}
+            if rollouts:
+                update = _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, rl,
+                                 length, mbs, dp_rank, dp_size, tokenizer.pad_id)
+            scheduler.step(increment=1)
+            t_train = time.perf_counter() - t1
+            step += 1
+            t_sync = push(step)
+            n_tokens = sum(len(r.prompt) + len(r.completion) for r in rollouts)
+            metrics.log(step, {**stats, **update, "loss": update.get("loss", 0.0),
+                               "lr": optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0,
+                               "time_training_s": t_train, "time_weight_sync_s": t_sync,
+                               "samples_trained": len(rollouts)},
+                        tokens=n_tokens, print_line=False)
+            if rank0 and (step % cfg.train.log_interval == 0 or step == total_steps):
+                print(f"step {step}/{total_steps} | reward {stats['reward_mean']:.3f} | "
+                      f"len {stats['response_length']:.1f} | dropped {stats['groups_dropped_share']:.2f} | "
+                      f"clip {update.get('clip_frac', 0):.3f} | gen {stats['time_generation_s']:.1f}s "
+                      f"train {t_train:.1f}s sync {t_sync:.1f}s", flush=True)
+            if step % cfg.checkpoint.interval == 0 or step == total_steps:
+                ckpt.save_checkpoint(cfg.checkpoint_dir, step, model, optimizer,
+                                     {"step": step, "scheduler": scheduler.state_dict(), "stage": "rlvr"},
+                                     model_cfg, tokenizer if rank0 else None, cfg.checkpoint.keep_last)
+    finally:
+        metrics.close()
+        if fleet is not None:
+            fleet.shutdown()
+    if rank0:
+        plot_reward_curve(out_dir / "metrics.jsonl", out_dir / "reward.png")
+    dist.barrier()
+    return {"steps": step, "output_dir": out_dir}
+
+
+def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, rl, length, mbs,
+            dp_rank, dp_size, pad_id) -> dict:
+    """One optimizer step on this rank's share of the rollouts."""
+    share = rollouts[dp_rank::dp_size]
+    if not share:  # fewer samples than ranks: a zero-weight sample keeps the collectives in step
+        share = [dataclasses.replace(rollouts[0], advantage=0.0, completion=rollouts[0].completion[:1],
+                                     rollout_logprobs=rollouts[0].rollout_logprobs[:1])]
+        share[0].advantage = 0.0
+    microbatches = to_microbatches(share, length, mbs, pad_id)
+    vocab = model_cfg.vocab_size
+
+    # The policy that generated: the trainer's own log-probs before the update.
+    old = forward_backward(ddp, microbatches, vocab, forward_only=True, keep_logits=True,
+                           loss_fn=_zero_loss)
+    for mb, logits in zip(microbatches, old.logits):
+        mb.old_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
+    if ref_model is not None:
+        ref = forward_backward(ref_model, microbatches, vocab, forward_only=True, keep_logits=True,
+                               loss_fn=_zero_loss)
+        for mb, logits in zip(microbatches, ref.logits):
+            mb.ref_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
+
+    collected: list[dict] = []
+
+    def loss_fn(logits, mb, out):
+        device = logits.device
+        logprobs = _token_logprobs(logits, mb.labels.to(device), vocab, rl.temperature)
+        mask = mb.loss_mask.to(device)
+        loss, m = policy_loss(
+            logprobs, mb.old_logprobs.to(device), mb.advantages.to(device), mask,
+            clip_low=rl.clip_low, clip_high=rl.clip_high, loss_agg=rl.loss_agg,
+            rollout_logprobs=mb.rollout_logprobs.to(device), tis_cap=rl.tis_cap,
+            ref_logprobs=getattr(mb, "ref_logprobs", None), kl_beta=rl.kl_beta,
+        )
+        # megatron sums what each microbatch returns and divides by the summed count over
+        # all microbatches and data-parallel ranks: tokens for token-mean, sequences for
+        # seq-mean-token-mean - so the step's loss is that mean over the whole rollout.
+        count = mask.sum() if rl.loss_agg == "token-mean" else (mask.sum(1) > 0).sum().float()
+        loss_sum = loss * count
+        out.losses.append(loss_sum.detach())
+        out.tokens.append(count.detach())
+        collected.append({**m, "count": count.item()})
+        return loss_sum, count.to(torch.int), {"loss_sum": loss_sum.detach()}
+
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    out = forward_backward(ddp, microbatches, vocab, loss_fn=loss_fn)
+    router_rows.mask_gradients()
+    _, grad_norm, _ = optimizer.step()
+    router_rows.restore()
+    totals = torch.tensor([sum(x.item() for x in out.losses), sum(x.item() for x in out.tokens)],
+                          dtype=torch.float64)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    weight = sum(c["count"] for c in collected) or 1.0
+    avg = {k: sum(c[k] * c["count"] for c in collected) / weight
+           for k in ("clip_frac", "ratio_mean") if collected and k in collected[0]}
+    if collected and "kl_mean" in collected[0]:
+        avg["kl"] = sum(c["kl_mean"] * c["count"] for c in collected) / weight
+    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "grad_norm": float(grad_norm or 0.0), **avg}
+
+
+def _zero_loss(logits, mb, out):
+    zero = logits.sum() * 0.0
+    return zero, torch.tensor(1, dtype=torch.int), {}
+
+
+def plot_reward_curve(metrics_path: Path, out_png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, [r["reward_mean"] for r in rows], label="mean reward", lw=1.8)
+    ax.fill_between(steps, [r["reward_p10"] for r in rows], [r["reward_p90"] for r in rows],
+                    alpha=0.2, label="p10-p90")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    ax.set_title("RLVR: reward per rollout")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
