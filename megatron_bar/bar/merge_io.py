@@ -616,8 +616,22 @@ def meta_model(cfg: ModelConfig, dtype: torch.dtype):
     return build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta")
 
 
+_EXPECTED_CACHE: dict[tuple[str, torch.dtype], dict] = {}
+
+
 def expected_tensors(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Key -> (global shape, dtype) of every tensor megatron saves for ``cfg``."""
+    """Key -> (global shape, dtype) of every tensor megatron saves for ``cfg``.
+
+    Building the meta model costs ~0.1 s; a merge asks for the same config several
+    times, so the answer is kept per (config, dtype) - a fresh dict each call."""
+    ident = (json.dumps(cfg.to_dict(), sort_keys=True), dtype)
+    hit = _EXPECTED_CACHE.get(ident)
+    if hit is None:
+        hit = _EXPECTED_CACHE[ident] = _expected_tensors(cfg, dtype)
+    return dict(hit)
+
+
+def _expected_tensors(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
