@@ -80,6 +80,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import logging
 import os
 import pwd
 import resource
@@ -91,6 +92,8 @@ import sys
 import tempfile
 import time
 from typing import Callable, Literal
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SANDBOX_UID_BASE",
@@ -369,13 +372,17 @@ def _pids_of_uid(uid: int) -> list[int]:
     return pids
 
 
-def _kill_uid(uid: int, rounds: int = 100) -> None:
-    """SIGKILL every process of a private sandbox uid, including ones that left the group.
+def _kill_uid(uid: int, deadline_s: float = 10.0) -> None:
+    """SIGKILL every process of a private sandbox uid, including ones that left the group,
+    and wait until none is left.
 
-    This repeats because processes can fork while we scan. RLIMIT_NPROC bounds
-    how many there can be.
+    This repeats because processes can fork while we scan (RLIMIT_NPROC bounds how many
+    there can be), and because a SIGKILLed process is still listed until the kernel has
+    torn it down, which on a loaded machine takes a while.
     """
-    for _ in range(rounds):
+    end = time.monotonic() + deadline_s
+    pause = 0.001
+    while time.monotonic() < end:
         pids = _pids_of_uid(uid)
         if not pids:
             return
@@ -384,7 +391,9 @@ def _kill_uid(uid: int, rounds: int = 100) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(0.001)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    logger.warning("sandbox uid %d still had processes %.0f s after SIGKILL", uid, deadline_s)
 
 
 def _remove_scratch_files(uid: int) -> None:
