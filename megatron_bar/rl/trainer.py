@@ -28,13 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_bar import platform
-from megatron_bar.bar.freeze import (
-    FREEZE_POLICIES,
-    RouterRowFreeze,
-    apply_freeze_policy,
-    format_freeze_table,
-    freeze_counts,
-)
+from megatron_bar.bar.freeze import FREEZE_POLICIES
 from megatron_bar.convert.hf_io import hf_config_from_model_config
 from megatron_bar.data import ChatTemplate, Message, add_chat_special_tokens, load_tokenizer
 from megatron_bar.data.chat import DataError, ROLES
@@ -44,9 +38,9 @@ from megatron_bar.model.config import ModelConfig
 from megatron_bar.rl.grpo import drop_uniform_groups, group_advantages, policy_loss
 from megatron_bar.train import checkpoint as ckpt
 from megatron_bar.train.config import ConfigError, TrainConfig, config_to_dict
-from megatron_bar.train.engine import Microbatch, forward_backward, make_optimizer, wrap_ddp
+from megatron_bar.train.engine import Microbatch, forward_backward
 from megatron_bar.train.metrics import MetricsLogger, read_metrics
-from megatron_bar.train.trainer import _scheduler
+from megatron_bar.train.trainer import setup_training
 
 log = logging.getLogger(__name__)
 
@@ -251,24 +245,10 @@ def train_rl(cfg: RLTrainConfig) -> dict:
         check_same_architecture(model_cfg, ModelConfig.load(resume_from), str(resume_from))
     else:
         load_weights(model, model_cfg, cfg.model.load)
-    policy = FREEZE_POLICIES[cfg.train.stage]
-    groups = apply_freeze_policy(model, policy, model_cfg.num_experts)
-    if rank0:
-        print(format_freeze_table(policy, freeze_counts(model, groups)), flush=True)
-    else:
-        freeze_counts(model, groups)
-    ddp = wrap_ddp(model)
-    optimizer = make_optimizer(ddp, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
-                               clip_grad=cfg.optim.clip_grad, adam_beta1=cfg.optim.adam_beta1,
-                               adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps)
     total_steps = cfg.train.steps
-    scheduler = _scheduler(optimizer, cfg, total_steps)
-    step = 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-    router_rows = RouterRowFreeze(model, policy)
+    run = setup_training(cfg, model, model_cfg, total_steps, resume_from)
+    ddp, optimizer, scheduler, router_rows, step = (
+        run.ddp, run.optimizer, run.scheduler, run.router_rows, run.step)
     ref_model = None
     if rl.kl_beta > 0:
         ref_model = build_model(model_cfg, perform_initialization=False)

@@ -11,7 +11,6 @@ TP / PP / DP sizes follow the same curve.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -127,6 +126,40 @@ def _scheduler(optimizer, cfg: TrainConfig, total_steps: int) -> OptimizerParamS
     )
 
 
+@dataclass
+class TrainingSetup:
+    ddp: object
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    router_rows: RouterRowFreeze
+    step: int  # optimizer steps already done (0, or the resumed checkpoint's)
+
+
+def setup_training(cfg: TrainConfig, model, model_cfg: ModelConfig, total_steps: int,
+                   resume_from: Path | None) -> TrainingSetup:
+    """Freeze policy (printed), DDP, optimizer, LR schedule, and - when resuming - their
+    state from the checkpoint. Shared by the SFT-style trainer and the RLVR trainer."""
+    policy = FREEZE_POLICIES[cfg.train.stage]
+    groups = apply_freeze_policy(model, policy, model_cfg.num_experts)
+    _print0(format_freeze_table(policy, freeze_counts(model, groups)))
+    ddp = wrap_ddp(model)
+    o = cfg.optim
+    optimizer = make_optimizer(
+        ddp, lr=o.lr, min_lr=o.min_lr if o.schedule != "constant" else o.lr,
+        weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+    )
+    scheduler = _scheduler(optimizer, cfg, total_steps)
+    step = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        _print0(f"resumed from {resume_from} at step {step}")
+    # After a resume: the anchor's router row as loaded.
+    return TrainingSetup(ddp, optimizer, scheduler, RouterRowFreeze(model, policy), step)
+
+
 def _global_loss(out) -> tuple[float, int]:
     """Token-mean loss of the step over every data-parallel rank (last stage only)."""
     if not out.losses:
@@ -202,25 +235,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume_from is None and cfg.router.init == "domain_means":
         _init_router_from_domains(cfg, model, model_cfg, data)
 
-    policy = FREEZE_POLICIES[cfg.train.stage]
-    groups = apply_freeze_policy(model, policy, model_cfg.num_experts)
-    _print0(format_freeze_table(policy, freeze_counts(model, groups)))
-    router_rows = RouterRowFreeze(model, policy)
-    ddp = wrap_ddp(model)
-    optimizer = make_optimizer(
-        ddp, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr if cfg.optim.schedule != "constant" else cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay, clip_grad=cfg.optim.clip_grad,
-        adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
-    )
-    scheduler = _scheduler(optimizer, cfg, total_steps)
-
-    step = 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        router_rows = RouterRowFreeze(model, policy)  # the row as loaded
-        _print0(f"resumed from {resume_from} at step {step}")
+    run = setup_training(cfg, model, model_cfg, total_steps, resume_from)
+    ddp, optimizer, scheduler, router_rows, step = (
+        run.ddp, run.optimizer, run.scheduler, run.router_rows, run.step)
 
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
