@@ -287,8 +287,9 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_latest(
         tmp_dir = root / f".iter_{target:07d}.incomplete"
         launch().kill_when(tmp_dir.exists, delay=delay)
         left = incomplete_dirs(root)
+        # `latest` is a complete checkpoint equal to the uninterrupted run's. (With a delay
+        # the run may have got past `target` before the kill landed, so no bound on it.)
         resume_step = check_latest(root, baseline)
-        assert resume_step <= target
         kills.append({"target": target, "delay": round(delay, 3), "latest": resume_step, "incomplete": left})
         steps_seen = [int(re.search(r"\d+", n).group()) for n in left]
         frontier = max([resume_step, logged_steps(out), *steps_seen])
