@@ -34,5 +34,5 @@ def run(main) -> None:
 
         try:
             platform.shutdown()
-        except Exception:
+        except Exception:  # best-effort cleanup: the real error (if any) was already reported
             pass

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+# One error type for every configuration problem, model or training.
+from megatron_bar.model.config import ConfigError
 
 
 @dataclass
