@@ -15,8 +15,11 @@ averaged), then, ``--repeat`` times in alternation:
 * copy: ``shutil.copytree`` of the same K checkpoint folders (the bytes the merge reads),
   fsyncing each file as the merge fsyncs its output.
 
-The page cache is warm for both (the inputs were just written). The LAST line is a JSON
-object with ``merge_s``, ``copy_s``, ``ratio`` (merge / copy; medians over the repeats),
+The page cache is warm for both (the inputs were just written). Each round measures the
+merge and the copy back to back, so the two see the same machine (a shared machine's load
+and the disk's writeback swing both by 2x from round to round); ``ratio`` is the median of
+the per-round ratios. The LAST line is a JSON object with ``merge_s``, ``copy_s`` (medians),
+``ratio`` (median of merge / copy per round), ``ratio_min`` / ``ratio_max``,
 ``peak_rss_mb`` (the merge's, max over repeats) and ``largest_tensor_mb`` (the largest
 tensor the merge writes at once: the embedding / LM head), plus the sizes.
 """
@@ -49,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--repeat", type=int, default=3, help="merge / copy rounds (medians reported)")
+    p.add_argument("--repeat", type=int, default=5, help="merge / copy rounds (medians reported)")
     p.add_argument("--workdir", default=None, help="where to write (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: OUT NAME=DIR ...
@@ -179,11 +182,14 @@ def main(argv=None):
             print(f"round {r}: merge {merges[-1]:.2f}s (peak RSS {peaks[-1] / 2**20:.0f} MiB), "
                   f"copy {copies[-1]:.2f}s", flush=True)
         merge_s, copy_s = statistics.median(merges), statistics.median(copies)
+        ratios = [m / c for m, c in zip(merges, copies)]
         result = {
             "experts": args.experts,
             "merge_s": round(merge_s, 3),
             "copy_s": round(copy_s, 3),
-            "ratio": round(merge_s / copy_s, 3),
+            "ratio": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3),
+            "ratio_max": round(max(ratios), 3),
             "peak_rss_mb": round(max(peaks) / 2**20, 1),
             "merge_rss_growth_mb": round(max(growth) / 2**20, 1),
             "largest_tensor_mb": round(largest / 2**20, 1),

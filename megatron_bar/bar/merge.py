@@ -470,7 +470,8 @@ def _group_of(key: str) -> str:
 class _Composer:
     """Computes any box of any output tensor from the inputs, a block at a time.
 
-    Memory: one output chunk (an arena reused from chunk to chunk), one block per input
+    Memory: two output chunks (arenas used in turn, one being written while the next is
+    computed), one block per input
     and two fp32 blocks - whatever the model size; the per-input blocks (4 MiB each) are
     all that grows with the number of experts.
     """
@@ -483,6 +484,7 @@ class _Composer:
         self.stats: dict[str, _GroupStats] = {}
         self.tensor_status: dict[str, str] = {}
         self.buffers = Buffers()
+        self._arena = 0
 
     # rules: key -> split(offsets, sizes) -> [(offsets, sizes, kind, payload)], kind one of
     # "copy" (payload _Ref), "mean" (payload (values [(ref, weight)], reported [(name, ref)])),
@@ -501,7 +503,9 @@ class _Composer:
                 blob = reader.stored_blob(key, *ref.box(tuple(offsets), tuple(sizes)))
                 if blob is not None:
                     return blob
-        out = self.buffers.exact("out", tuple(sizes), self.out_dtypes[key])
+        # two arenas in turn: the writer may still be writing the previous chunk
+        self._arena ^= 1
+        out = self.buffers.exact(("out", self._arena), tuple(sizes), self.out_dtypes[key])
         # the arena may still be hashed from the last chunk's reads; hashing of stored
         # chunks copied since (read from their files, not from memory) need not finish
         wait_for_hashes(out)

@@ -15,8 +15,9 @@ chunking, sharded objects, ``common.pt`` and ``metadata.json`` are exactly what 
 writes for that model - with a save strategy whose planner computes each chunk only when
 the writer asks for it (``resolve_data``) and a writer that writes chunks one at a time and
 keeps none. A chunk that is a stored input chunk unchanged is copied as its stored archive
-(``copy_file_range``). Peak memory is one output chunk plus what the caller needs to
-compute it; reused buffers (:class:`Buffers`) keep it flat.
+(``copy_file_range``). Peak memory is two output chunks (the
+one being written, the next one being computed on a thread) plus what the caller needs to
+compute them; reused buffers (:class:`Buffers`) keep it flat.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import io
 import json
 import os
 import pickle
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -280,24 +282,31 @@ class HashQueue:
     """
 
     def __init__(self):
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="merge-hash")
         self._pending: list[tuple[int, int, object]] = []  # (first byte, end, future)
+        # the writer thread (copied chunks) and the compute thread (reads) both submit
+        self._lock = threading.Lock()
 
     def submit(self, fn, lo: int, hi: int) -> None:
-        self._pending = [p for p in self._pending if not p[2].done()]
-        self._pending.append((lo, hi, self._pool.submit(fn)))
+        with self._lock:
+            self._pending = [p for p in self._pending if not p[2].done()]
+            self._pending.append((lo, hi, self._pool.submit(fn)))
 
     def wait_overlapping(self, lo: int, hi: int) -> None:
-        for a, b, fut in self._pending:
+        with self._lock:
+            pending = list(self._pending)
+        for a, b, fut in pending:
             if a < hi and lo < b:
                 fut.result()
 
     def wait_all(self) -> None:
-        for _, _, fut in self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for _, _, fut in pending:
             fut.result()
-        self._pending = []
 
 
 _HASH_QUEUE: HashQueue | None = None
@@ -346,6 +355,7 @@ class CheckpointReader:
                 ))
             self._chunks[key] = chunks
         self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
         self._hashers: dict[tuple, _ChunkHasher] = {}
         self._loaded: tuple | None = None  # (chunk id, tensor) of the last torch.load fallback
         self.bytes_read = 0
@@ -367,9 +377,10 @@ class CheckpointReader:
     # -- data
 
     def _fd(self, name: str) -> int:
-        if name not in self._fds:
-            self._fds[name] = os.open(self.dir / name, os.O_RDONLY)
-        return self._fds[name]
+        with self._fd_lock:  # the writer thread copies stored chunks while reads go on
+            if name not in self._fds:
+                self._fds[name] = os.open(self.dir / name, os.O_RDONLY)
+            return self._fds[name]
 
     def _resolve(self, c: _Chunk) -> None:
         """Find where the chunk's raw bytes are (or decide on torch.load)."""
@@ -699,9 +710,17 @@ class _SerialWriter(FileSystemWriter):
         path = self.fs.concat_path(self.path, file_name)
         items = sorted(plan.items, key=lambda wi: wi.type != WriteItemType.BYTE_IO)
         results = []
-        with self.fs.create_stream(path, "wb") as stream:
-            for item in items:
-                data = planner.resolve_data(item)
+        # Item i+1 is computed on a thread while item i is written: the arithmetic and the
+        # reads overlap the writes (both release the GIL). The producer keeps two output
+        # arenas (see _Composer.fill), so peak memory grows by one chunk, not with K.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="merge-compute") as pool, \
+                self.fs.create_stream(path, "wb") as stream:
+            ahead = pool.submit(planner.resolve_data, items[0]) if items else None
+            for i, item in enumerate(items):
+                data = ahead.result()
+                ahead = pool.submit(planner.resolve_data, items[i + 1]) if i + 1 < len(items) else None
                 if isinstance(data, StoredBlob):
                     stream.flush()
                     offset = stream.tell()
