@@ -3,6 +3,7 @@
 Loads CKPT at the layout, runs forward and backward of a fixed global batch through
 megatron's DDP and schedule (each data-parallel rank takes its slice), and writes
   OUT/logits_dp{r}.pt  the logits of data-parallel rank r (its slice of the batch)
+  OUT/hf_state.pt      the weights as the RLVR weight sync gathers them (HF layout, rank 0)
   OUT/grads/           the gradients, as a checkpoint of the same model (megatron's
                        dist checkpoint undoes the sharding, so the test reads them at TP=1)
 """
@@ -18,6 +19,7 @@ from megatron_bar import platform
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import load_weights, save_model
 from megatron_bar.model.config import ModelConfig
+from megatron_bar.rl.weights import gather_hf_state_dict
 from megatron_bar.train.engine import Microbatch, forward_backward, wrap_ddp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,6 +59,13 @@ def main():
     logits, model, cfg = forward_backward_of(ckpt)
     if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
         torch.save(logits, out / f"logits_dp{parallel_state.get_data_parallel_rank()}.pt")
+
+    # The weight sync of RLVR: every shard gathered into the HF layout on rank 0.
+    hf_state = gather_hf_state_dict(model, cfg)
+    if dist.get_rank() == 0:
+        torch.save(hf_state, out / "hf_state.pt")
+    else:
+        assert hf_state is None
 
     # Gradients into the weights, then save: the checkpoint re-assembles the shards.
     with torch.no_grad():

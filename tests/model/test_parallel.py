@@ -1,5 +1,6 @@
 """The same checkpoint at TP=2, EP=2 and PP=2 (two gloo processes) gives the logits and
-the gradients of the one-process run."""
+the gradients of the one-process run, and the RLVR weight sync gathers exactly the HF
+model's tensors from the shards."""
 
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def read_grads(grads_dir):
     ],
     ids=["dense-tp2", "dense-pp2", "moe-tp2", "moe-ep2", "moe-pp2"],
 )
-def test_layout_matches_single_process(moe, tp, pp, ep, mcore_dense_dir, mcore_moe_dir, tmp_path):
+def test_layout_matches_single_process(moe, tp, pp, ep, mcore_dense_dir, mcore_moe_dir, hf_dense_dir,
+                                      hf_moe_dir, tmp_path):
     ckpt = mcore_moe_dir if moe else mcore_dense_dir
     ref_logits, ref_grads = reference(ckpt)
     torchrun(2, WORKER, str(ckpt), str(tmp_path), str(tp), str(pp), str(ep))
@@ -62,3 +64,15 @@ def test_layout_matches_single_process(moe, tp, pp, ep, mcore_dense_dir, mcore_m
         assert ref.abs().max() > 0, f"{name}: reference gradient is zero"
         diff = (grads[name] - ref).abs().max().item()
         assert diff <= TOL, f"{name}: gradient differs by {diff:.2e} at tp={tp} pp={pp} ep={ep}"
+
+    # weight sync: the gathered HF state is the HF model the checkpoint was converted from
+    from safetensors.torch import load_file
+
+    hf_dir = hf_moe_dir if moe else hf_dense_dir
+    expected = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        expected.update(load_file(f))
+    gathered = torch.load(tmp_path / "hf_state.pt")
+    assert set(gathered) == set(expected)
+    for key, ref in expected.items():
+        assert torch.equal(gathered[key].to(ref.dtype), ref), f"{key}: gathered weight differs"
