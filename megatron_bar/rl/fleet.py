@@ -21,6 +21,10 @@ class RolloutError(RuntimeError):
     pass
 
 
+class _StaleWorker(Exception):
+    """A worker answered with weights other than the ones pushed last."""
+
+
 @dataclass
 class FleetConfig:
     num_workers: int = 2
@@ -135,14 +139,23 @@ class RolloutFleet:
             i, ref = next(iter(pending.items()))
             try:
                 out = self._wait(ref, f"waiting for rollouts from worker {i}")
+                stale = {r["version"] for r in out} - {self.version}
+                if stale:
+                    # Ray restarted the worker between our calls and ran the call on the
+                    # fresh process, before it had the weights: its samples are not the policy's.
+                    raise _StaleWorker(stale)
                 for r in out:  # back to the caller's prompt numbering
                     r["prompt_index"] = shares[i][r["prompt_index"]]
                 results[i] = out
                 del pending[i]
-            except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError,
+                    _StaleWorker) as e:
                 attempts[i] += 1
                 if attempts[i] > self.cfg.max_retries:
                     raise RolloutError(f"rollout worker {i} died {attempts[i]} times in one step") from None
+                if isinstance(e, _StaleWorker):
+                    log.warning("rollout worker %d answered with weights of version %s, not %d: "
+                                "it was restarted", i, sorted(e.args[0]), self.version)
                 self._revive(i)
                 pending[i] = launch(i)
         return [r for i in sorted(results) for r in results[i]]

@@ -6,9 +6,10 @@
 Each step: rank 0 samples ``rl.prompts_per_rollout`` prompts, the fleet answers each
 ``rl.samples_per_prompt`` times, the verifiers score the answers, GRPO turns the scores into
 group-relative advantages (groups whose rewards are all equal carry no signal and are
-dropped), the training ranks compute their own log-probs of the rollouts and take one
-optimizer step on the clipped policy loss (with truncated importance sampling against
-the rollout engine's log-probs), and the new weights go back to every worker. The
+dropped), the training ranks compute their own log-probs of the rollouts and take
+``rl.minibatches`` optimizer steps (one by default) on the clipped policy loss (with
+truncated importance sampling against the rollout engine's log-probs), and the new
+weights go back to every worker. The
 ``rlvr`` freeze policy applies: every shared parameter trains, the anchor expert stays.
 """
 
@@ -65,6 +66,7 @@ class RLConfig:
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
     kl_beta: float = 0.0  # k3 KL to the starting policy; 0 = off (the recipe)
     tis_cap: float = 2.0  # truncated importance sampling: rollout vs trainer log-probs
+    minibatches: int = 1  # optimizer steps per rollout (open-instruct num_mini_batches; 1 = on-policy)
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -84,6 +86,8 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError("rl.datasets is empty")
         if self.rl.samples_per_prompt < 2:
             raise ConfigError("rl.samples_per_prompt must be at least 2 (GRPO compares a group)")
+        if self.rl.minibatches < 1:
+            raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
         if self.rl.loss_agg not in ("token-mean", "seq-mean-token-mean"):
             raise ConfigError(f"rl.loss_agg {self.rl.loss_agg!r}: token-mean or seq-mean-token-mean")
         if self.rl.advantage_scale not in ("group", "none"):
@@ -267,6 +271,8 @@ def train_rl(cfg: RLTrainConfig) -> dict:
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        # which process is which rollout worker, for an operator (Ray restarts change it)
+        (out_dir / "rollout_workers.json").write_text(json.dumps({"pids": fleet.worker_pids()}))
     from megatron_bar.rl.weights import gather_hf_state_dict
 
     def push(version):
@@ -349,26 +355,34 @@ def train_rl(cfg: RLTrainConfig) -> dict:
     return {"steps": step, "output_dir": out_dir}
 
 
-def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, rl, length, mbs,
-            dp_rank, dp_size, pad_id) -> dict:
-    """One optimizer step on this rank's share of the rollouts."""
+def _rank_share(rollouts: list[Rollout], dp_rank: int, dp_size: int) -> list[Rollout]:
     share = rollouts[dp_rank::dp_size]
     if not share:  # fewer samples than ranks: a zero-weight sample keeps the collectives in step
         share = [dataclasses.replace(rollouts[0], advantage=0.0, completion=rollouts[0].completion[:1],
                                      rollout_logprobs=rollouts[0].rollout_logprobs[:1])]
-        share[0].advantage = 0.0
-    microbatches = to_microbatches(share, length, mbs, pad_id)
+    return share
+
+
+def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, rl, length, mbs,
+            dp_rank, dp_size, pad_id) -> dict:
+    """``rl.minibatches`` optimizer steps on the rollouts, each on this rank's share of one
+    minibatch. The old policy (the ratio's denominator) is the trainer's policy before the
+    first of them, as in PPO: later minibatches see ratios away from 1, and clip."""
+    n_mb = min(rl.minibatches, len(rollouts))
+    bounds = [round(i * len(rollouts) / n_mb) for i in range(n_mb + 1)]
+    minibatches = [to_microbatches(_rank_share(rollouts[a:b], dp_rank, dp_size), length, mbs, pad_id)
+                   for a, b in zip(bounds, bounds[1:])]
     vocab = model_cfg.vocab_size
 
     # The policy that generated: the trainer's own log-probs before the update.
-    old = forward_backward(ddp, microbatches, vocab, forward_only=True, keep_logits=True,
-                           loss_fn=_zero_loss)
-    for mb, logits in zip(microbatches, old.logits):
+    every = [mb for group in minibatches for mb in group]
+    old = forward_backward(ddp, every, vocab, forward_only=True, keep_logits=True, loss_fn=_zero_loss)
+    for mb, logits in zip(every, old.logits):
         mb.old_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
     if ref_model is not None:
-        ref = forward_backward(ref_model, microbatches, vocab, forward_only=True, keep_logits=True,
+        ref = forward_backward(ref_model, every, vocab, forward_only=True, keep_logits=True,
                                loss_fn=_zero_loss)
-        for mb, logits in zip(microbatches, ref.logits):
+        for mb, logits in zip(every, ref.logits):
             mb.ref_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
 
     collected: list[dict] = []
@@ -385,7 +399,7 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
         )
         # megatron sums what each microbatch returns and divides by the summed count over
         # all microbatches and data-parallel ranks: tokens for token-mean, sequences for
-        # seq-mean-token-mean - so the step's loss is that mean over the whole rollout.
+        # seq-mean-token-mean - so each update's loss is that mean over its minibatch.
         count = mask.sum() if rl.loss_agg == "token-mean" else (mask.sum(1) > 0).sum().float()
         loss_sum = loss * count
         out.losses.append(loss_sum.detach())
@@ -393,21 +407,26 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
         collected.append({**m, "count": count.item()})
         return loss_sum, count.to(torch.int), {"loss_sum": loss_sum.detach()}
 
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
-    out = forward_backward(ddp, microbatches, vocab, loss_fn=loss_fn)
-    router_rows.mask_gradients()
-    _, grad_norm, _ = optimizer.step()
-    router_rows.restore()
-    totals = torch.tensor([sum(x.item() for x in out.losses), sum(x.item() for x in out.tokens)],
-                          dtype=torch.float64)
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    losses, grad_norms = [], []
+    for group in minibatches:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        out = forward_backward(ddp, group, vocab, loss_fn=loss_fn)
+        router_rows.mask_gradients()
+        _, grad_norm, _ = optimizer.step()
+        router_rows.restore()
+        totals = torch.tensor([sum(x.item() for x in out.losses), sum(x.item() for x in out.tokens)],
+                              dtype=torch.float64)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        losses.append((totals[0] / totals[1].clamp(min=1)).item())
+        grad_norms.append(float(grad_norm or 0.0))
     weight = sum(c["count"] for c in collected) or 1.0
     avg = {k: sum(c[k] * c["count"] for c in collected) / weight
            for k in ("clip_frac", "ratio_mean") if collected and k in collected[0]}
     if collected and "kl_mean" in collected[0]:
         avg["kl"] = sum(c["kl_mean"] * c["count"] for c in collected) / weight
-    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "grad_norm": float(grad_norm or 0.0), **avg}
+    return {"loss": sum(losses) / len(losses), "grad_norm": max(grad_norms), "updates": len(minibatches),
+            **avg}
 
 
 def _zero_loss(logits, mb, out):
