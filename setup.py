@@ -23,12 +23,16 @@ setup(
         "math-verify",
         "pyyaml",
         "tqdm",
+        "rich",  # the demo's progress display (megatron_bar/demo/jobs.py)
         "matplotlib",
         "tensorboard",  # training metrics (torch.utils.tensorboard)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "quant": ["nvidia-modelopt"],
-        "test": ["pytest", "pytest-timeout"],
+        "quant": ["nvidia-modelopt==0.47.0"],
+        # tools/preprocess_data.py: Parquet and HF save_to_disk inputs (JSONL needs neither)
+        "data": ["pyarrow", "datasets"],
+        # modelopt for tests/serve: pure Python, CPU fake quantization (no CUDA torch pulled)
+        "test": ["pytest", "pytest-timeout", "nvidia-modelopt==0.47.0", "pyarrow", "datasets"],
     },
 )

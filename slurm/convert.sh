@@ -5,7 +5,7 @@
 #SBATCH --cpus-per-task=16
 #SBATCH --mem=0
 #SBATCH --time=02:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=slurm-%j.out
 # Convert an HF Olmo 2 / FlexOlmo folder to a megatron_bar checkpoint (or back) as a job.
 #
 #   HF_DIR=/models/OLMo-2-1124-7B-Instruct SAVE=/ckpt/olmo2-7b sbatch slurm/convert.sh
@@ -24,7 +24,6 @@ DIRECTION=${DIRECTION:-to_mcore}
 : "${SAVE:?error: SAVE (output folder) is required; see --help}"
 BAR_ROOT=${BAR_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}
 PYTHON=${PYTHON:-python}
-mkdir -p logs
 
 case "$DIRECTION" in
   to_mcore)

@@ -7,6 +7,11 @@ Typical use::
     records = read_jsonl("math_sft.jsonl", "chat", max_bad_lines=10).records
     docs = tokenize_records(records, tok)
     sequences, stats = pack_documents(docs, seq_length=4096, pad_id=tok.pad_id)
+
+At scale, tokenize once with ``tools/preprocess_data.py`` (:mod:`megatron_bar.data.preprocess`)
+into megatron indexed datasets (:mod:`megatron_bar.data.indexed`), blended at training time
+by megatron's BlendedMegatronDatasetBuilder (:mod:`megatron_bar.data.blended`). Those
+modules import megatron-core, so they are not imported here.
 """
 
 from megatron_bar.data.chat import (

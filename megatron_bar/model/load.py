@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -12,6 +13,7 @@ from megatron_bar import platform
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import load_weights
 from megatron_bar.model.config import ModelConfig
+from megatron_bar.model.expert_select import apply_selection, expert_names, resolve_selection
 
 
 class CausalLM(torch.nn.Module):
@@ -46,6 +48,8 @@ def load_model(
     path: str | Path,
     *,
     moe_topk: int | None = None,
+    drop_experts: Sequence[str | int] | None = None,
+    layer_topk: Sequence[int] | dict[int, int] | None = None,
     params_dtype: torch.dtype | None = None,
     eval_mode: bool = True,
 ) -> CausalLM:
@@ -54,13 +58,38 @@ def load_model(
     Starts a one-rank process group (gloo on CPU) when none exists; under torchrun it
     uses the parallel layout already initialised. ``moe_topk`` chooses how many experts
     each token uses (1..num_experts), overriding the checkpoint's value.
+
+    Expert selection (MoE checkpoints only; see :mod:`megatron_bar.model.expert_select`):
+    ``drop_experts`` lists experts that receive no token, by name (``"anchor"`` and the
+    names in the merged checkpoint's ``bar_manifest.json``) or index; ``layer_topk``
+    gives each layer its own top-k (a list, one per layer, or ``{layer: k}``). The router
+    is renormalised over the experts that remain. A checkpoint written by
+    ``tools/quantize.py`` loads with its nvidia-modelopt quantizers (fake quantization).
     """
     if not platform.is_initialized():
         platform.initialize()
+    path = Path(path)
     cfg = ModelConfig.load(path)
     if moe_topk is not None:
         cfg = cfg.with_(moe_topk=moe_topk)
+    selection = None
+    if drop_experts or layer_topk is not None:
+        # checked before the model is built: a bad name fails in milliseconds
+        selection = resolve_selection(cfg, expert_names(path, cfg.num_experts), drop_experts,
+                                      layer_topk, where=str(path))
     gpt = build_model(cfg, params_dtype=params_dtype)
+    if is_quantized_checkpoint(path):
+        from megatron_bar.serve.quantize import restore_quantizers
+
+        gpt = restore_quantizers(gpt, path)
     load_weights(gpt, cfg, path)
+    if selection is not None:
+        apply_selection(gpt, selection)
     model = CausalLM(gpt, cfg)
+    model.expert_selection = selection
     return model.eval() if eval_mode else model
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """Written by tools/quantize.py: megatron's modelopt_state folder beside the weights."""
+    return (Path(path) / "modelopt_state").is_dir()

@@ -28,6 +28,8 @@ __all__ = [
     "shutdown",
     "is_initialized",
     "synchronize",
+    "reset_peak_memory",
+    "prepare_modelopt",
     "manual_seed",
 ]
 
@@ -65,6 +67,22 @@ def default_train_dtype() -> torch.dtype:
 def synchronize() -> None:
     if has_gpu():
         torch.cuda.synchronize()
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for :func:`peak_memory_bytes` (the CUDA allocator's; on CPU the
+    caller samples the resident size itself)."""
+    if has_gpu():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def prepare_modelopt() -> None:
+    """Make nvidia-modelopt's megatron plugin usable here (a named CPU patch, see
+    :data:`megatron_bar.platform.cpu.MODELOPT_PATCH`; nothing to do on GPU)."""
+    if not has_gpu():
+        from megatron_bar.platform.cpu import apply_modelopt_patch
+
+        apply_modelopt_patch()
 
 
 def manual_seed(seed: int) -> None:

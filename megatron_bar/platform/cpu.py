@@ -362,7 +362,28 @@ PATCHES: tuple[Patch, ...] = (
     ),
 )
 
+# Applied on demand: nvidia-modelopt is optional (tools/quantize.py), so it is not imported
+# with the patches megatron-core always needs.
+MODELOPT_PATCH = Patch(
+    "modelopt-megatron-plugin",
+    "nvidia-modelopt's megatron plugin calls torch.cuda.synchronize() when it saves "
+    "quantizer state",
+    _proxy_torch_in(("modelopt.torch.opt.plugins.megatron",)),
+)
+
 _applied = False
+_modelopt_applied = False
+
+
+def apply_modelopt_patch() -> None:
+    global _modelopt_applied
+    if _modelopt_applied:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("apply_modelopt_patch() is for machines without CUDA")
+    MODELOPT_PATCH.apply()
+    log.debug("modelopt CPU patch applied: %s (%s)", MODELOPT_PATCH.name, MODELOPT_PATCH.why)
+    _modelopt_applied = True
 
 
 def mcore_version() -> str:

@@ -53,6 +53,9 @@ class RolloutFleet:
                 ray.init(address=cfg.ray_address, log_to_driver=False)
             else:
                 ray.init(
+                    # "local": a Ray of our own even when another one runs on this machine
+                    # (ray.init() with no address would attach to that one)
+                    address="local",
                     num_cpus=max(1, int(cfg.num_workers * cfg.cpus_per_worker + 1)),
                     include_dashboard=False,
                     log_to_driver=False,

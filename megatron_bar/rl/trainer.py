@@ -41,6 +41,7 @@ from megatron_bar.train import checkpoint as ckpt
 from megatron_bar.train.config import ConfigError, TrainConfig, config_to_dict
 from megatron_bar.train.engine import Microbatch, forward_backward
 from megatron_bar.train.metrics import MetricsLogger, read_metrics
+from megatron_bar.train.preempt import Preemption
 from megatron_bar.train.trainer import setup_training
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,13 @@ def _broadcast(obj):
 
 
 def train_rl(cfg: RLTrainConfig) -> dict:
+    # Installed before startup: SIGTERM / SIGUSR1 (Slurm's warning, preemption) become a
+    # checkpoint after the current step and exit code 75, which the Slurm script requeues.
+    with Preemption() as preempt:
+        return _train_rl(cfg, preempt)
+
+
+def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
     from megatron_bar.rl.rewards import get_reward_fn
 
     cfg.validate()
@@ -341,10 +349,15 @@ def train_rl(cfg: RLTrainConfig) -> dict:
                       f"len {stats['response_length']:.1f} | dropped {stats['groups_dropped_share']:.2f} | "
                       f"clip {update.get('clip_frac', 0):.3f} | gen {stats['time_generation_s']:.1f}s "
                       f"train {t_train:.1f}s sync {t_sync:.1f}s", flush=True)
-            if step % cfg.checkpoint.interval == 0 or step == total_steps:
-                ckpt.save_checkpoint(cfg.checkpoint_dir, step, model, optimizer,
-                                     {"step": step, "scheduler": scheduler.state_dict(), "stage": "rlvr"},
-                                     model_cfg, tokenizer if rank0 else None, cfg.checkpoint.keep_last)
+
+            def save(s):
+                return ckpt.save_checkpoint(cfg.checkpoint_dir, s, model, optimizer,
+                                            {"step": s, "scheduler": scheduler.state_dict(), "stage": "rlvr"},
+                                            model_cfg, tokenizer if rank0 else None, cfg.checkpoint.keep_last)
+
+            # saves at the interval and the end; after a preemption signal, saves and
+            # raises Preempted (exit 75): the finally below still shuts the fleet down
+            preempt.end_of_step(step, total_steps, cfg.checkpoint.interval, save)
     finally:
         metrics.close()
         if fleet is not None:

@@ -26,6 +26,9 @@ class DatasetConfig:
     kind: str = "chat"  # chat (JSONL with messages) | text (JSONL with text)
     weight: float = 1.0
     domain: str | None = None  # tag for stratified sampling and reports; default: file stem
+    # jsonl: tokenized on the fly | indexed: path is a tools/preprocess_data.py output prefix
+    # (megatron .bin/.idx, blended by megatron's BlendedMegatronDatasetBuilder)
+    format: str = "jsonl"
 
 
 @dataclass
@@ -37,6 +40,7 @@ class DataConfig:
     add_special_tokens: list[str] = field(default_factory=list)  # grow the vocabulary
     sample_fraction: float = 1.0  # stratified by domain (the router stage uses 0.05)
     document_mask: bool = True  # attention does not cross packed document boundaries
+    index_cache: str | None = None  # indexed datasets: megatron's index cache folder (None: in memory)
 
 
 @dataclass
@@ -45,6 +49,10 @@ class ModelLoadConfig:
     moe_topk: int | None = None  # override the checkpoint's top-k
     moe_aux_loss_coeff: float = 0.0
     recompute: bool = False  # full activation recomputation
+    # FP8 matmuls through Transformer Engine (GPU only; see megatron_bar/train/gpu_features.py):
+    # None | hybrid (E4M3 forward, E5M2 gradients) | e4m3
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise (TE scaling recipes)
 
 
 @dataclass
@@ -52,6 +60,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    # Adam state and fp32 master weights sharded over data-parallel ranks (ZeRO-1).
+    # None: on with a GPU, off on CPU.
+    distributed_optimizer: bool | None = None
 
 
 @dataclass
@@ -125,12 +136,19 @@ class TrainConfig:
         for d in self.data.datasets:
             if d.kind not in ("chat", "text"):
                 raise ConfigError(f"dataset {d.path}: kind {d.kind!r} is not chat or text")
+            if d.format not in ("jsonl", "indexed"):
+                raise ConfigError(f"dataset {d.path}: format {d.format!r} is not jsonl or indexed")
+        if len({d.format for d in self.data.datasets}) > 1:
+            raise ConfigError("data.datasets mixes jsonl and indexed datasets; preprocess them all")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
         if self.router.init not in ("none", "domain_means"):
             raise ConfigError(f"router.init {self.router.init!r}: none or domain_means")
         if not 0 < self.data.sample_fraction <= 1:
             raise ConfigError("data.sample_fraction must be in (0, 1]")
+        from megatron_bar.train.gpu_features import validate_gpu_features
+
+        validate_gpu_features(self)
         return self
 
 

@@ -1,6 +1,9 @@
 """From the config's JSONL datasets to the microbatches of each step on each rank.
 
-Each dataset is read (malformed lines reported with file and line), optionally
+Datasets with ``format: indexed`` (tools/preprocess_data.py outputs) go through
+:class:`IndexedTrainingData` instead (megatron's blended dataset builder; same interface).
+
+Each JSONL dataset is read (malformed lines reported with file and line), optionally
 stratified-sampled by domain, tokenized (chat template or plain text), packed into
 fixed-length sequences, and the packed datasets are mixed by weight. The order of the
 mixture is a function of the seed and the epoch only, so the samples of step ``s`` are
@@ -25,7 +28,8 @@ from megatron_bar.data import (
     read_jsonl,
     stratified_sample,
 )
-from megatron_bar.data.packing import PackedSequence, PackingStats
+from megatron_bar.data.blended import BlendedSamples, SourceSpec, stack_samples
+from megatron_bar.data.packing import PackedSequence, PackingStats, document_attention_mask
 from megatron_bar.data.tokenizer import Tokenizer
 from megatron_bar.train.config import DataConfig
 from megatron_bar.train.engine import Microbatch
@@ -115,7 +119,78 @@ def steps_for(cfg_steps: int | None, epochs: float, num_sequences: int, global_b
     return max(1, math.ceil(epochs * num_sequences / global_batch_size))
 
 
-def build_training_data(data: DataConfig, tokenizer: Tokenizer, seed: int) -> TrainingData:
+class IndexedTrainingData:
+    """The same interface as :class:`TrainingData` over indexed datasets (``format: indexed``),
+    sampled through megatron's BlendedMegatronDatasetBuilder (megatron_bar.data.blended):
+    sample ``g`` of the run is a function of the seed and ``g``, so ``microbatches(step)``
+    needs no history and resumes exactly."""
+
+    def __init__(self, samples, document_mask: bool):
+        self.samples = samples
+        self.document_mask = document_mask
+        self.mixture_report = samples.report
+        self.seed = samples.seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _microbatch(self, items: list[dict]) -> Microbatch:
+        b = stack_samples(items)
+        return Microbatch(
+            tokens=b["tokens"],
+            labels=b["labels"],
+            loss_mask=b["loss_mask"],
+            position_ids=b["position_ids"],
+            attention_mask=document_attention_mask(b["document_ids"]).unsqueeze(1) if self.document_mask else None,
+        )
+
+    def microbatches(
+        self, step: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ) -> list[Microbatch]:
+        """This data-parallel rank's microbatches of optimizer step ``step``."""
+        per_rank = global_batch_size // dp_size
+        first = step * global_batch_size + dp_rank * per_rank
+        items = [self.samples.sample(first + i)[0] for i in range(per_rank)]
+        return [self._microbatch(items[i : i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
+
+    def domain_batches(self, per_domain: int, micro_batch_size: int) -> dict[str, list]:
+        """Up to ``per_domain`` samples of each domain (first mixture epoch, in order), as
+        (tokens, position_ids, mask) batches, for router statistics and initialisation."""
+        chosen: dict[str, list[dict]] = {}
+        for g in range(len(self.samples)):
+            item, source = self.samples.sample(g)
+            picked = chosen.setdefault(self.samples.domain_of(source), [])
+            if len(picked) < per_domain:
+                picked.append(item)
+            if len(chosen) == len({s.spec.domain for s in self.samples.active}) and all(
+                len(v) >= per_domain for v in chosen.values()
+            ):
+                break
+        out = {}
+        for domain, items in chosen.items():
+            out[domain] = []
+            for i in range(0, len(items), micro_batch_size):
+                mb = self._microbatch(items[i : i + micro_batch_size])
+                out[domain].append((mb.tokens, mb.position_ids, mb.attention_mask))
+        return out
+
+
+def build_indexed_training_data(data: DataConfig, tokenizer: Tokenizer, seed: int) -> IndexedTrainingData:
+    """Indexed datasets: opened and checked against the model's tokenizer (fingerprint, ids
+    within its vocabulary), then blended by weight; ``sample_fraction`` is drawn per domain."""
+    specs = [
+        SourceSpec(prefix=str(d.path), weight=d.weight, domain=d.domain or Path(d.path).name, kind=d.kind)
+        for d in data.datasets
+    ]
+    samples = BlendedSamples(
+        specs, tokenizer, data.seq_length, seed, sample_fraction=data.sample_fraction, cache_dir=data.index_cache
+    )
+    return IndexedTrainingData(samples, data.document_mask)
+
+
+def build_training_data(data: DataConfig, tokenizer: Tokenizer, seed: int) -> TrainingData | IndexedTrainingData:
+    if any(d.format == "indexed" for d in data.datasets):
+        return build_indexed_training_data(data, tokenizer, seed)
     template = None
     packed: dict[str, list[PackedSequence]] = {}
     weights: dict[str, float] = {}

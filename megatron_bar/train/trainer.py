@@ -11,6 +11,7 @@ TP / PP / DP sizes follow the same curve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,7 +40,9 @@ from megatron_bar.train import checkpoint as ckpt
 from megatron_bar.train.config import TrainConfig, config_to_dict
 from megatron_bar.train.data import build_training_data, steps_for
 from megatron_bar.train.engine import forward_backward, make_optimizer, wrap_ddp
+from megatron_bar.train.gpu_features import fp8_overrides, use_distributed_optimizer
 from megatron_bar.train.metrics import MetricsLogger, plot_loss_curve
+from megatron_bar.train.preempt import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig):
         calculate_per_token_loss=True,
         moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
         recompute=cfg.model.recompute,
+        **fp8_overrides(cfg.model),
     )
 
 
@@ -142,7 +146,7 @@ def setup_training(cfg: TrainConfig, model, model_cfg: ModelConfig, total_steps:
     policy = FREEZE_POLICIES[cfg.train.stage]
     groups = apply_freeze_policy(model, policy, model_cfg.num_experts)
     _print0(format_freeze_table(policy, freeze_counts(model, groups)))
-    ddp = wrap_ddp(model)
+    ddp = wrap_ddp(model, use_distributed_optimizer(cfg.parallel))
     o = cfg.optim
     optimizer = make_optimizer(
         ddp, lr=o.lr, min_lr=o.min_lr if o.schedule != "constant" else o.lr,
@@ -203,6 +207,14 @@ def _router_report(cfg, model, model_cfg, data, out_dir: Path, stem: str):
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    # SIGTERM / SIGUSR1 (Slurm's warning before the time limit), from here on: the loop
+    # finishes the step in flight, checkpoints and exits 75 (megatron_bar/train/preempt.py).
+    # Installed before the (long, on 7B) startup so that an early signal is not fatal.
+    with Preemption() as preempt:
+        return _train(cfg, preempt)
+
+
+def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
     cfg.validate()
     layout = platform.ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     platform.initialize(layout, seed=cfg.train.seed)
@@ -252,35 +264,41 @@ def train(cfg: TrainConfig) -> TrainResult:
     metrics = MetricsLogger(out_dir, total_steps, start_step=step, enabled=_is_logging_rank())
     losses = []
     final = resume_from
-    while step < total_steps:
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        microbatches = data.microbatches(
-            step, cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_rank, dp_size
+
+    def save(step: int) -> Path:
+        return ckpt.save_checkpoint(
+            ckpt_root, step, model, optimizer,
+            {"step": step, "consumed_samples": step * cfg.train.global_batch_size,
+             "scheduler": scheduler.state_dict(), "stage": cfg.train.stage},
+            model_cfg, tokenizer if dist.get_rank() == 0 else None, cfg.checkpoint.keep_last,
         )
-        out = forward_backward(ddp, microbatches, model_cfg.vocab_size)
-        router_rows.mask_gradients()
-        ok, grad_norm, _ = optimizer.step()
-        router_rows.restore()
-        scheduler.step(increment=1)
-        step += 1
-        loss, tokens = _global_loss(out)
-        losses.append(loss)
-        lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0
-        metrics.log(
-            step,
-            {"loss": loss, "lr": lr, "grad_norm": float(grad_norm or 0.0), "loss_tokens": tokens},
-            tokens=cfg.train.global_batch_size * cfg.data.seq_length,
-            print_line=step % cfg.train.log_interval == 0 or step == total_steps,
-        )
-        if step % cfg.checkpoint.interval == 0 or step == total_steps:
-            final = ckpt.save_checkpoint(
-                ckpt_root, step, model, optimizer,
-                {"step": step, "consumed_samples": step * cfg.train.global_batch_size,
-                 "scheduler": scheduler.state_dict(), "stage": cfg.train.stage},
-                model_cfg, tokenizer if dist.get_rank() == 0 else None, cfg.checkpoint.keep_last,
+
+    # The metrics are closed (TensorBoard flushed) however the loop ends.
+    with contextlib.closing(metrics):
+        while step < total_steps:
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            microbatches = data.microbatches(
+                step, cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_rank, dp_size
             )
-    metrics.close()
+            out = forward_backward(ddp, microbatches, model_cfg.vocab_size)
+            router_rows.mask_gradients()
+            ok, grad_norm, _ = optimizer.step()
+            router_rows.restore()
+            scheduler.step(increment=1)
+            step += 1
+            loss, tokens = _global_loss(out)
+            losses.append(loss)
+            lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0
+            metrics.log(
+                step,
+                {"loss": loss, "lr": lr, "grad_norm": float(grad_norm or 0.0), "loss_tokens": tokens},
+                tokens=cfg.train.global_batch_size * cfg.data.seq_length,
+                print_line=step % cfg.train.log_interval == 0 or step == total_steps,
+            )
+            # Every checkpoint.interval steps, at the end, and after a preemption signal (then
+            # it raises preempt.Preempted: exit code 75, which the Slurm scripts requeue).
+            final = preempt.end_of_step(step, total_steps, cfg.checkpoint.interval, save) or final
     if write_router_stats:
         _router_report(cfg, model, model_cfg, data, out_dir, "router_stats")
     if _is_logging_rank() and metrics.path.exists():

@@ -32,9 +32,11 @@ def test_syntax_help_and_shellcheck():
 @pytest.mark.parametrize("env,message", [
     ({"CONFIG": "/nonexistent.yaml"}, "CONFIG=/nonexistent.yaml: file not found"),
     ({"TP": "two"}, "TP must be a whole number"),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "PATH": "/usr/bin:/bin"}, "scontrol is not on PATH"),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "PATH": "NO_SLURM"}, "scontrol is not on PATH"),
 ])
-def test_bad_settings_fail_clearly(env, message):
+def test_bad_settings_fail_clearly(env, message, path_without_slurm):
+    if env.get("PATH") == "NO_SLURM":
+        env = {**env, "PATH": path_without_slurm}
     proc = run({"DRY_RUN": "1", **env})
     assert proc.returncode == 1 and message in proc.stderr
 
@@ -46,7 +48,8 @@ def test_dry_run_on_this_machine():
     assert lines[0].startswith("+ ray start --head --port 6379")
     assert "-m megatron_bar.rl" in lines[1] and "parallel.tp=2" in lines[1]
     assert "rl.num_workers=3" in lines[1] and "rl.ray_address=" in lines[1]
-    assert lines[-1] == "+ ray stop --force"
+    assert lines[0].endswith("--block &")  # a head of this job's own, stopped by killing it
+    assert "ray stop" not in proc.stdout  # that would stop other jobs' Ray on a shared node
 
 
 def test_dry_run_in_a_slurm_allocation(tmp_path):
@@ -61,6 +64,7 @@ def test_dry_run_in_a_slurm_allocation(tmp_path):
     assert "+ srun --nodes=1 --ntasks=1 -w node1 ray start --head" in out
     for node in ("node2", "node3"):
         assert f"+ srun --nodes=1 --ntasks=1 -w {node} ray start --address node1:6379" in out
-        assert f"-w {node} ray stop --force" in out
+        assert f"-w {node} ray start --address node1:6379 --num-cpus" in out and "--block &" in out
+    assert "ray stop" not in out
     assert "--nnodes 3 --nproc-per-node 8" in out and "--rdzv-endpoint node1:29500" in out
     assert "+ srun --nodes=3 --ntasks-per-node=1" in out and "parallel.ep=2" in out
