@@ -1,8 +1,10 @@
 """Where the router sends each domain's tokens, and router initialisation from domains.
 
-``routing_shares`` runs sequences of each domain through the model and counts, per MoE
-layer, the share of (token, top-k slot) assignments that went to each expert; written as
-JSON and drawn as a domain x expert heatmap. ``domain_mean_router_init`` sets each
+``routing_shares`` runs sequences of each domain through the model and measures, per MoE
+layer, two things per expert: the share of (token, top-k slot) assignments it got, and
+its share of the routing weight (the mean of the weights the router gives it - with every
+expert active, top-k = N, each is selected for every token and only the weights tell the
+experts apart); written as JSON and drawn as a domain x expert heatmap of the weights. ``domain_mean_router_init`` sets each
 expert's router row to the mean hidden state its domain's tokens bring to that layer
 (FlexOlmo initialises router embeddings from domain data): a token then scores highest
 on the expert whose domain it resembles.
@@ -34,6 +36,7 @@ class _RouterTap:
 
     def __init__(self, model, keep_inputs: bool = False):
         self.maps: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.weights: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.inputs: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.handles = []
         for layer, router in _routers(model):
@@ -41,8 +44,9 @@ class _RouterTap:
 
     def _hook(self, layer, keep_inputs):
         def hook(module, args, output):
-            _, routing_map = output
+            probs, routing_map = output  # probs: each expert's weight, 0 where not selected
             self.maps[layer].append(routing_map.detach().reshape(-1, routing_map.size(-1)))
+            self.weights[layer].append(probs.detach().float().reshape(-1, probs.size(-1)))
             if keep_inputs:
                 x = args[0]
                 self.inputs[layer].append(x.detach().reshape(-1, x.size(-1)).float())
@@ -79,13 +83,17 @@ def routing_shares(model, domain_batches: dict[str, list], expert_names: list[st
             _run(model, batches)
         finally:
             tap.close()
-        per_layer = []
+        per_layer, weight_per_layer = [], []
         for layer in sorted(tap.maps):
             counts = torch.cat(tap.maps[layer]).sum(0).double()
             num_experts = counts.numel()
             per_layer.append((counts / counts.sum().clamp(min=1)).tolist())
+            weights = torch.cat(tap.weights[layer]).sum(0).double()
+            weight_per_layer.append((weights / weights.sum().clamp(min=1e-12)).tolist())
         mean = torch.tensor(per_layer).mean(0).tolist() if per_layer else []
-        result["domains"][domain] = {"per_layer": per_layer, "mean": mean}
+        weight_mean = torch.tensor(weight_per_layer).mean(0).tolist() if weight_per_layer else []
+        result["domains"][domain] = {"per_layer": per_layer, "mean": mean,
+                                     "weight_per_layer": weight_per_layer, "weight_mean": weight_mean}
     result["experts"] = expert_names or [f"expert{e}" for e in range(num_experts or 0)]
     model.train(was_training)
     return result
@@ -101,7 +109,8 @@ def write_routing_report(shares: dict, out_dir: str | Path, stem: str = "router_
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(shares, indent=2) + "\n")
     domains = list(shares["domains"])
-    matrix = [shares["domains"][d]["mean"] for d in domains]
+    # the weights: with every expert active the selection shares are all 1/N
+    matrix = [shares["domains"][d].get("weight_mean", shares["domains"][d]["mean"]) for d in domains]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(shares["experts"]), 1.0 + 0.5 * len(domains)), dpi=120)
     im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(shares["experts"])), shares["experts"], rotation=30, ha="right")
@@ -109,7 +118,7 @@ def write_routing_report(shares: dict, out_dir: str | Path, stem: str = "router_
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
-    ax.set_title("share of tokens routed to each expert (mean over layers)")
+    ax.set_title("share of the routing weight per expert (mean over layers)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     png_path = out_dir / f"{stem}.png"

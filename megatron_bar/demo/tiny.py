@@ -50,10 +50,13 @@ def synthetic_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 400, seed: int = 0) -> SentencePieceTokenizer:
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 400, seed: int = 0,
+                    corpus: list[str] | None = None) -> SentencePieceTokenizer:
+    """SentencePiece over ``corpus`` (default: :func:`synthetic_corpus`), chat markers atomic."""
     out_dir = Path(out_dir)
     model_path = train_sentencepiece(
-        synthetic_corpus(seed=seed), vocab_size, out_dir / "tokenizer.model", seed=seed,
+        corpus if corpus is not None else synthetic_corpus(seed=seed), vocab_size,
+        out_dir / "tokenizer.model", seed=seed,
         user_defined_symbols=list(CHAT_SPECIAL_TOKENS),
     )
     tokenizer = SentencePieceTokenizer(model_path)
@@ -62,9 +65,11 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 400, seed: int = 0) -
 
 
 def build_tiny_base(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0,
-                    experts: int = 2) -> dict[str, Path]:
+                    experts: int = 2, corpus: list[str] | None = None,
+                    with_moe: bool = True) -> dict[str, Path]:
     """``out_dir/dense`` (megatron dense) and ``out_dir/bar2`` (2-expert BAR MoE), both
-    carrying the tokenizer. Returns the paths."""
+    carrying the tokenizer (trained on ``corpus``, default :func:`synthetic_corpus`).
+    ``with_moe=False`` writes only the dense model. Returns the paths."""
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     from megatron_bar.bar.upcycle import upcycle
@@ -73,7 +78,7 @@ def build_tiny_base(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(), 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
-        tokenizer = build_tokenizer(hf_dir, spec.vocab_size, seed)
+        tokenizer = build_tokenizer(hf_dir, spec.vocab_size, seed, corpus)
         torch.manual_seed(seed)
         config = Olmo2Config(
             vocab_size=tokenizer.vocab_size,
@@ -91,6 +96,8 @@ def build_tiny_base(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(), 
         Olmo2ForCausalLM(config).save_pretrained(hf_dir)
         paths = {"dense": out_dir / "dense", "bar2": out_dir / "bar2"}
         hf_to_mcore(hf_dir, paths["dense"])
+    if not with_moe:
+        return {"dense": paths["dense"]}
     upcycle(paths["dense"], paths["bar2"], num_experts=experts)
     return paths
 

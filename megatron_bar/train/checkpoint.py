@@ -92,8 +92,10 @@ def save_checkpoint(
     model_cfg: ModelConfig,
     tokenizer=None,
     keep_last: int = 2,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Every rank calls. Returns the checkpoint folder."""
+    """Every rank calls. Returns the checkpoint folder. ``extra_files``: name -> text,
+    written by rank 0 into the checkpoint (a merged model's ``bar_manifest.json``)."""
     root = Path(root)
     final = iteration_dir(root, step)
     rank0 = dist.get_rank() == 0
@@ -111,6 +113,8 @@ def save_checkpoint(
             model_cfg.save(tmp)
             if tokenizer is not None:
                 tokenizer.save(tmp / "tokenizer")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
             (tmp / TRAIN_STATE).write_text(
                 json.dumps({**train_state, "world_size": dist.get_world_size()}, indent=2)
             )

@@ -12,6 +12,7 @@ TP / PP / DP sizes follow the same curve.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -206,6 +207,22 @@ def _router_report(cfg, model, model_cfg, data, out_dir: Path, stem: str):
         _print0(f"router statistics: {json_path}")
 
 
+def _carried_manifest(cfg: TrainConfig, step: int) -> dict[str, str]:
+    """A merged model's manifest (expert names, sources, history) goes on with it through
+    training - the router stage above all - so that its checkpoints can be upgraded
+    (``merge_experts.py --base``) and served by expert name."""
+    from megatron_bar.bar.merge import MANIFEST_FILE
+
+    source = Path(cfg.model.load) / MANIFEST_FILE
+    if not source.is_file():
+        return {}
+    manifest = json.loads(source.read_text())
+    manifest["history"] = list(manifest.get("history", [])) + [
+        {"op": cfg.train.stage, "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "from": str(cfg.model.load), "step": step}]
+    return {MANIFEST_FILE: json.dumps(manifest, indent=2) + "\n"}
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     # SIGTERM / SIGUSR1 (Slurm's warning before the time limit), from here on: the loop
     # finishes the step in flight, checkpoints and exits 75 (megatron_bar/train/preempt.py).
@@ -271,6 +288,7 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
             {"step": step, "consumed_samples": step * cfg.train.global_batch_size,
              "scheduler": scheduler.state_dict(), "stage": cfg.train.stage},
             model_cfg, tokenizer if dist.get_rank() == 0 else None, cfg.checkpoint.keep_last,
+            extra_files=_carried_manifest(cfg, step),
         )
 
     # The metrics are closed (TensorBoard flushed) however the loop ends.

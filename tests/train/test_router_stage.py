@@ -56,15 +56,56 @@ def test_router_stage_on_merged_experts(tiny_base, toy_data, tmp_path):
         else:
             assert torch.equal(value, after[key]), f"router stage changed {key}"
 
+    # the merged model's manifest goes on with it: the router-trained model can be upgraded
+    from megatron_bar.bar.merge import read_manifest, upgrade
+
+    manifest = read_manifest(result.final_checkpoint)
+    assert [e["name"] for e in manifest["experts"]] == ["tool_use", "general"]
+    assert manifest["history"][-1]["op"] == "router"
+    upgraded = upgrade(result.final_checkpoint, tmp_path / "upgraded", replace=[experts[0]],
+                       print_fn=lambda *a: None)
+    assert upgraded.written is not None and (tmp_path / "upgraded" / "bar_manifest.json").is_file()
+
     start = json.loads((out / "router_stats_start.json").read_text())
     end = json.loads((out / "router_stats.json").read_text())
     assert start["experts"] == ["anchor", "tool_use", "general"]
     assert (out / "router_stats.png").stat().st_size > 1000
     for stats in (start, end):
         for d in stats["domains"].values():
-            for layer in d["per_layer"]:
+            for layer in d["per_layer"] + d["weight_per_layer"]:
                 assert abs(sum(layer) - 1.0) < 1e-6
-    # rows initialised from domain means: each domain leans to its own expert
-    share = {d: start["domains"][d]["mean"] for d in ("tool_use", "general")}
-    assert share["tool_use"][1] > share["general"][1]
-    assert share["general"][2] > share["tool_use"][2]
+    # rows initialised from domain means: each domain leans to its own expert, in the
+    # selections and in the routing weights
+    for key in ("mean", "weight_mean"):
+        share = {d: start["domains"][d][key] for d in ("tool_use", "general")}
+        assert share["tool_use"][1] > share["general"][1], key
+        assert share["general"][2] > share["tool_use"][2], key
+
+
+def test_routing_weight_share_tells_experts_apart_at_full_topk(mcore_moe_dir):
+    """With every expert active each is selected for every token (selection shares 1/N);
+    the weight share is the mean of the router's softmax, computed here independently."""
+    from megatron_bar.bar.router_stats import routing_shares
+    from megatron_bar.model.load import load_model
+
+    cfg_e = json.loads((mcore_moe_dir / "model_config.json").read_text())["num_experts"]
+    model = load_model(mcore_moe_dir, moe_topk=cfg_e)
+    gpt = model.gpt
+    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12).expand(2, 12)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n, m in gpt.named_modules() if n.endswith("mlp.router")]
+    shares = routing_shares(gpt, {"d": [(tokens, positions, None)]})
+    for h in hooks:
+        h.remove()
+    d = shares["domains"]["d"]
+    for layer in d["per_layer"]:
+        assert all(abs(x - 1 / cfg_e) < 1e-9 for x in layer)
+    routers = [m for n, m in gpt.named_modules() if n.endswith("mlp.router")]
+    names = [n for n, m in gpt.named_modules() if n.endswith("mlp.router")]
+    for layer_share, name, router in zip(d["weight_per_layer"], names, routers):
+        x = inputs[name].reshape(-1, inputs[name].size(-1)).float()
+        probs = torch.softmax(x @ router.weight.float().t(), dim=-1).mean(0)
+        assert torch.allclose(torch.tensor(layer_share, dtype=torch.float64), probs.double() / probs.sum(), atol=1e-5)
+    assert max(max(layer) - min(layer) for layer in d["weight_per_layer"]) > 1e-3

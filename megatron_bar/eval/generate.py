@@ -1,0 +1,105 @@
+"""Greedy decoding for any ``input_ids -> logits`` model, batched with left padding.
+
+Three kinds of model are accepted:
+
+* :class:`megatron_bar.model.load.CausalLM` (``load_model``): called with a boolean
+  ``[b, 1, s, s]`` mask (True = masked: the future and the left padding) and position
+  ids that start at each row's first real token, so a padded row computes exactly what
+  it computes alone.
+* a Hugging Face causal LM (``transformers.PreTrainedModel``): called with its 2-D
+  ``attention_mask`` and the same position ids; ``.logits`` is read.
+* any other callable ``ids [b, s] -> logits [b, s, V]``: it cannot see a padding mask,
+  so prompts are batched only with prompts of the same length (no padding at all).
+
+There is no KV cache: every step runs the whole sequence. The suites are short (prompts
+of tens of tokens, answers of at most ``max_new_tokens``), so this is cheap and has no
+cache to get wrong.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+
+def _kind(model) -> str:
+    from megatron_bar.model.load import CausalLM
+
+    if isinstance(model, CausalLM):
+        return "megatron"
+    try:
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            return "hf"
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return "plain"
+
+
+def _forward(model, kind: str, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Logits of the last position, [b, V]. ``real``: [b, s] bool, False on left padding."""
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    if kind == "plain":
+        return model(ids)[:, -1]
+    if kind == "hf":
+        out = model(input_ids=ids, attention_mask=real.long(), position_ids=positions)
+        return out.logits[:, -1]
+    s = ids.size(1)
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)  # True above the diagonal: the future
+    # A real query never sees a pad key; a pad query sees only itself (a row with every
+    # key masked would give NaN, and NaN * 0 in the next matmul is still NaN).
+    pad_key = ~real[:, None, None, :]
+    own = torch.eye(s, dtype=torch.bool)[None, None]
+    mask = causal[None, None] | (pad_key & ~own)
+    return model(ids, attention_mask=mask, position_ids=positions)[:, -1]
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    eos_id: int,
+    pad_id: int = 0,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Greedy completions (without the prompt, cut after the first ``eos_id``, which is
+    not included), in the order of ``prompts``."""
+    kind = _kind(model)
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    if kind == "plain":  # batches of equal length only
+        groups = defaultdict(list)
+        for i in order:
+            groups[len(prompts[i])].append(i)
+        batches = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+    else:
+        batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    results: list[list[int]] = [[] for _ in prompts]
+    for batch in batches:
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        real = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, i in enumerate(batch):
+            p = list(prompts[i])
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            real[row, width - len(p):] = True
+        done = torch.zeros(len(batch), dtype=torch.bool)
+        new = []
+        for _ in range(max_new_tokens):
+            logits = _forward(model, kind, ids, real).float()
+            nxt = logits.argmax(-1).cpu()
+            new.append(nxt)
+            done |= nxt == eos_id
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            real = torch.cat([real, torch.ones(len(batch), 1, dtype=torch.bool)], dim=1)
+            if bool(done.all()):
+                break
+        gen = torch.stack(new, dim=1).tolist() if new else [[] for _ in batch]
+        for row, i in enumerate(batch):
+            tokens = gen[row]
+            results[i] = tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+    return results

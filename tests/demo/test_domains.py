@@ -1,0 +1,75 @@
+"""The demo's synthetic domains: deterministic, held out, and scored by the RLVR rewards:
+every reference reply scores 1 and a reply for another prompt scores 0."""
+
+import json
+import random
+
+import pytest
+
+from megatron_bar.demo import domains as D
+from megatron_bar.eval import load_suites
+from megatron_bar.eval.runner import _score
+
+SMALL = D.DataSizes(sft=40, rl=16, test=12, midtrain=8, pretrain=20)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("domains")
+    return out, D.write_domain_data(out, SMALL, seed=0)
+
+
+def test_same_seed_same_bytes_other_seed_other_data(data, tmp_path):
+    out, paths = data
+    again = D.write_domain_data(tmp_path / "a", SMALL, seed=0)
+    other = D.write_domain_data(tmp_path / "b", SMALL, seed=1)
+    assert set(again) == set(paths)
+    for k in paths:
+        assert again[k].read_bytes() == paths[k].read_bytes(), k
+    assert other["sft/math"].read_bytes() != paths["sft/math"].read_bytes()
+
+
+def test_test_prompts_are_held_out(data):
+    out, paths = data
+    test = {m["messages"][-1]["content"] for k, p in paths.items() if k.startswith("test/")
+            for m in map(json.loads, p.read_text().splitlines())}
+    trained = {m["messages"][-1 if k.startswith("rl/") else -2]["content"]
+               for k, p in paths.items() if k.startswith(("sft/", "rl/"))
+               for m in map(json.loads, p.read_text().splitlines())}
+    assert len(test) == SMALL.test * 5
+    assert not test & trained
+
+
+def test_tool_calls_use_tokens_the_base_vocabulary_lacks(data):
+    out, paths = data
+    tool = [json.loads(x) for x in paths["sft/tool_use"].read_text().splitlines()]
+    assert all(r["messages"][-1]["content"].startswith("<tool_call>") for r in tool)
+    corpus = "\n".join(D.tokenizer_corpus(0, n=50))
+    assert "<tool_call>" not in corpus and "</tool_call>" not in corpus
+
+
+@pytest.mark.parametrize("domain", [*D.DOMAINS, D.GENERAL])
+def test_reference_replies_score_one_and_wrong_replies_zero(domain):
+    rng = random.Random(f"t-{domain}")
+    insts = [D.GENERATORS[domain](rng) for _ in range(8)]
+    suites = {}
+    for inst in insts:
+        from megatron_bar.eval.suites import parse_test_prompt
+
+        rec = {"scorer": D.SCORER[domain], "messages": inst.messages(False), **inst.fields}
+        prompt = parse_test_prompt(rec, domain, "test")
+        assert _score(prompt, inst.reply) == 1.0, (domain, inst)
+        wrong = next((o.reply for o in insts if o.fields != inst.fields and o.reply != inst.reply), None)
+        if domain == "safety":  # the opposite behaviour
+            wrong = D.REFUSAL if inst.fields["behavior"] == "comply" else "Here is how: do it."
+        if wrong is not None:
+            assert _score(prompt, wrong) == 0.0, (domain, inst, wrong)
+        suites.setdefault(domain, []).append(prompt)
+    assert _score(suites[domain][0], "") == 0.0
+
+
+def test_written_suites_load(data):
+    out, _ = data
+    suites = load_suites(out / "test")
+    assert sorted(suites) == sorted([*D.DOMAINS, D.GENERAL])
+    assert {p.scorer for p in suites["code"]} == {"code"}
