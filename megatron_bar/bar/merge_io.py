@@ -152,7 +152,7 @@ class Buffers:
             n *= s
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < n:
-            wait_for_hashes()
+            wait_for_hashes(memory_only=True)
             buf = self._bufs[name] = torch.empty(max(n, 1), dtype=torch.uint8)
         return buf[:n].view(dtype).view(tuple(sizes))
 
@@ -310,20 +310,35 @@ class HashQueue:
 
 
 _HASH_QUEUE: HashQueue | None = None
+_FILE_HASH_QUEUE: HashQueue | None = None
 
 
 def hash_queue() -> HashQueue:
+    """Hashes of bytes in memory (reads into buffers that will be reused)."""
     global _HASH_QUEUE
     if _HASH_QUEUE is None:
         _HASH_QUEUE = HashQueue()
     return _HASH_QUEUE
 
 
-def wait_for_hashes(t: torch.Tensor | None = None) -> None:
-    """Before writing into ``t`` (default: anything): finish the hashing of reads into it."""
+def file_hash_queue() -> HashQueue:
+    """Hashes of stored chunks copied without being read here (read from their files on
+    the hash thread). A queue of its own: a 100 MB expert chunk hashed from its file must
+    not hold up the hashing of a 4 MB read buffer the merge waits to reuse."""
+    global _FILE_HASH_QUEUE
+    if _FILE_HASH_QUEUE is None:
+        _FILE_HASH_QUEUE = HashQueue()
+    return _FILE_HASH_QUEUE
+
+
+def wait_for_hashes(t: torch.Tensor | None = None, *, memory_only: bool = False) -> None:
+    """Before writing into ``t``: finish the hashing of reads into it. Without ``t``:
+    finish every hash (``memory_only``: of reads into memory only)."""
     q = hash_queue()
     if t is None:
         q.wait_all()
+        if not memory_only:
+            file_hash_queue().wait_all()
     elif t.numel():
         lo = t.data_ptr()
         q.wait_overlapping(lo, lo + t.numel() * t.element_size())
@@ -545,7 +560,7 @@ class CheckpointReader:
                 h.update(pos, view[:got])
                 pos += got
 
-        hash_queue().submit(job, 0, 0)
+        file_hash_queue().submit(job, 0, 0)
         self.bytes_read += nbytes
 
     # -- content hash
