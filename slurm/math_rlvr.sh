@@ -81,7 +81,9 @@ on_node() {  # on_node NODE [--background] CMD...: one task on NODE (srun under 
   local bg=0
   if [[ "${1:-}" == --background ]]; then bg=1; shift; fi
   local cmd=("$@")
-  if [[ -n "${SLURM_JOB_ID:-}" ]]; then cmd=(srun --nodes=1 --ntasks=1 -w "$node" "$@"); fi
+  # --overlap: a blocking `ray start` step must not hold the node's CPUs against the
+  # training step that runs beside it
+  if [[ -n "${SLURM_JOB_ID:-}" ]]; then cmd=(srun --overlap --nodes=1 --ntasks=1 -w "$node" "$@"); fi
   if (( bg )); then
     echo "+ ${cmd[*]} &"
     if [[ "$DRY_RUN" != 1 ]]; then "${cmd[@]}" & fi
@@ -141,7 +143,7 @@ for a in "${args[@]}"; do [[ "$a" == train.output_dir=* ]] && run_dir=${a#train.
 bar_log_setup "$run_dir"
 # USR1 / TERM reach the ranks through srun and torchrun; exit 75 (or a signal) -> requeue.
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-  bar_run_step srun --nodes="$NNODES" --ntasks-per-node=1 "${launcher[@]}" "${args[@]}"
+  bar_run_step srun --overlap --nodes="$NNODES" --ntasks-per-node=1 "${launcher[@]}" "${args[@]}"
 else
   bar_run_step "${launcher[@]}" "${args[@]}"
 fi

@@ -61,10 +61,10 @@ def test_dry_run_in_a_slurm_allocation(tmp_path):
                 "GPUS_PER_NODE": "8", "EP": "2"}, path_prefix=fake)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "+ srun --nodes=1 --ntasks=1 -w node1 ray start --head" in out
+    assert "+ srun --overlap --nodes=1 --ntasks=1 -w node1 ray start --head" in out
     for node in ("node2", "node3"):
-        assert f"+ srun --nodes=1 --ntasks=1 -w {node} ray start --address node1:6379" in out
+        assert f"+ srun --overlap --nodes=1 --ntasks=1 -w {node} ray start --address node1:6379" in out
         assert f"-w {node} ray start --address node1:6379 --num-cpus" in out and "--block &" in out
     assert "ray stop" not in out
     assert "--nnodes 3 --nproc-per-node 8" in out and "--rdzv-endpoint node1:29500" in out
-    assert "+ srun --nodes=3 --ntasks-per-node=1" in out and "parallel.ep=2" in out
+    assert "+ srun --overlap --nodes=3 --ntasks-per-node=1" in out and "parallel.ep=2" in out

@@ -17,8 +17,8 @@
 # Settings (environment): WORK (default: a new folder under /tmp; kept for inspection),
 # PYTHON (default: the repository's .venv/bin/python), SLURM_STATE (default
 # /run/bar-slurm-test: daemons' config, state, logs, munge socket), RLVR=1 adds the
-# tiny RLVR expert (digits; note slurm/math_rlvr.sh ends with `ray stop --force`, which
-# stops every Ray process on this machine), TIMEOUT (seconds, default 900).
+# tiny RLVR expert (digits: a Ray head of the job's own beside the training step),
+# TIMEOUT (seconds, default 900).
 # Needs root (slurmd runs jobs as their owner). The daemons are stopped at the end.
 set -euo pipefail
 
