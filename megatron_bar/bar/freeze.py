@@ -28,6 +28,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 ANCHOR_EXPERT = 0
+EXPERT_STAGES = ("midtrain", "sft", "rlvr")  # BAR stage 1: the anchor is frozen
+SHARED_GROUPS = ("embedding", "lm_head", "attention", "norms")  # averaged by the merge
 
 GROUPS = ("embedding", "lm_head", "attention", "norms", "router", "anchor_expert", "experts",
           "dense_mlp")

@@ -39,25 +39,31 @@ TOOLS = REPO / "tools"
 class DemoSettings:
     quick: bool = False
     seed: int = 0
-    spec: TinyModelSpec = TinyModelSpec(vocab_size=512, hidden_size=128, intermediate_size=256,
+    spec: TinyModelSpec = TinyModelSpec(vocab_size=512, hidden_size=128, intermediate_size=512,
                                         num_layers=4, num_attention_heads=4, num_kv_heads=2,
                                         max_position_embeddings=512)
-    sizes: D.DataSizes = D.DataSizes()
+    sizes: D.DataSizes = D.DataSizes(pretrain=20000)
     seq_length: int = 128
     global_batch_size: int = 8
     micro_batch_size: int = 8
-    pretrain_steps: int = 400
+    pretrain_steps: int = 1500
+    base_sft_steps: int = 300
     midtrain_steps: int = 60
     sft_steps: int = 150
     rl_steps: int = 12
-    router_epochs: float = 4.0
+    router_epochs: float = 10.0
     router_fraction: float = 0.05
     upgrade_factor: float = 2.0  # the code v2 expert trains this many times longer
     lr_pretrain: float = 3e-3
     lr_midtrain: float = 2e-3
-    lr_sft: float = 2e-3
+    lr_sft: float = 3e-3
     lr_rl: float = 3e-4
-    lr_router: float = 1e-2
+    lr_router: float = 1e-3
+    router_init: str = "none"  # the experts' own router rows (domain_means: the option)
+    # LR multiplier of the shared parameters in the BAR expert stages (optim.shared_lr_scale):
+    # at this size a merge of experts whose embeddings and LM head moved at the full LR
+    # breaks the model (the merge's divergence report shows it), as the method warns
+    shared_lr_scale: float = 0.3
     rl_prompts: int = 8
     rl_samples: int = 8
     rl_max_tokens: int = 24
@@ -76,7 +82,7 @@ class DemoSettings:
             spec=TinyModelSpec(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                                num_attention_heads=4, num_kv_heads=2, max_position_embeddings=512),
             sizes=D.DataSizes(sft=96, rl=32, test=16, midtrain=64, pretrain=400),
-            pretrain_steps=30, midtrain_steps=0, sft_steps=12, rl_steps=2, router_epochs=1.0,
+            pretrain_steps=30, base_sft_steps=8, midtrain_steps=0, sft_steps=12, rl_steps=2, router_epochs=1.0,
             btx=False, baseline_rl=False,
             router_fraction=0.2, rl_prompts=4, rl_samples=4, rl_max_tokens=16, eval_max_new_tokens=32,
         )
@@ -136,7 +142,8 @@ class Planner:
             "data": {"datasets": datasets, "seq_length": s.seq_length, "sample_fraction": fraction,
                      "add_special_tokens": list(D.TOOL_CALL_TOKENS) if special else []},
             "optim": {"lr": lr, "schedule": "cosine" if stage != "router" else "constant",
-                      "warmup_steps": 0 if stage == "router" else max(1, steps // 10), "clip_grad": 1.0},
+                      "warmup_steps": 0 if stage == "router" else max(1, steps // 10), "clip_grad": 1.0,
+                      "shared_lr_scale": s.shared_lr_scale},
             "train": {"stage": stage, "steps": None if epochs else steps, "epochs": epochs or 1.0,
                       "global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size,
                       "seed": s.seed + 1234, "log_interval": max(1, steps // 10), "output_dir": str(out)},
@@ -167,7 +174,7 @@ class Planner:
                    "samples_per_prompt": s.rl_samples, "prompts_per_rollout": s.rl_prompts,
                    "temperature": 1.0, "max_response_tokens": s.rl_max_tokens, "num_workers": 1,
                    "timeout_s": 600.0},
-            "optim": {"lr": s.lr_rl, "schedule": "constant", "clip_grad": 1.0},
+            "optim": {"lr": s.lr_rl, "schedule": "constant", "clip_grad": 1.0, "shared_lr_scale": s.shared_lr_scale},
             "train": {"stage": stage, "steps": steps, "micro_batch_size": s.rl_prompts * s.rl_samples,
                       "global_batch_size": s.rl_prompts * s.rl_samples,
                       "seed": s.seed + 1234, "log_interval": 1, "output_dir": str(out)},
@@ -251,6 +258,11 @@ def build_graph(s: DemoSettings, run: Path, graph: JobGraph, base_fn) -> Plan:
     pre = p.train("pretrain", "base", "full", s.pretrain_steps, s.lr_pretrain,
                   [{"path": str(p.data / "pretrain.jsonl"), "kind": "text", "weight": 1.0, "domain": "general"}],
                   deps=("base",), label="pretrain the base")
+    # The method branches from a fully post-trained model: the base also learns the chat
+    # format and general instruction following (general SFT), never the domains.
+    if s.base_sft_steps > 0:
+        pre = p.train("base_sft", pre, "full", s.base_sft_steps, s.lr_sft, p._datasets({D.GENERAL: 1.0}),
+                      label="post-train the base (general SFT)")
     plan.rows["base"] = {"load": pre}
     p.tool("upcycle", "upcycle.py", ["--load", lambda: p.ckpt(pre), "--save", run / "models" / "upcycle"],
            deps=(pre,), label="upcycle to 2 experts")
@@ -268,7 +280,7 @@ def build_graph(s: DemoSettings, run: Path, graph: JobGraph, base_fn) -> Plan:
             "--topk", str(n_exp), "--save", run / "models" / "merge"],
            deps=[c[-1] for c in bar_jobs.values()], label="merge experts")
     router = p.train("bar_router", "merge", "router", 0, s.lr_router, p._datasets(all_sft), deps=("merge",),
-                     router_init="domain_means", fraction=s.router_fraction, epochs=s.router_epochs,
+                     router_init=s.router_init, fraction=s.router_fraction, epochs=s.router_epochs,
                      label="BAR router")
     plan.cost_groups["BAR"].append(router)
     plan.router_job = router
@@ -289,7 +301,7 @@ def build_graph(s: DemoSettings, run: Path, graph: JobGraph, base_fn) -> Plan:
            ["--base", run / "models" / "merge", "--replace", lambda: f"code={p.ckpt(code_v2[-1])}",
             "--save", run / "models" / "merge_v2"], deps=("merge", code_v2[-1]), label="replace code expert")
     router_v2 = p.train("bar_v2_router", "merge_v2", "router", 0, s.lr_router, p._datasets(all_sft),
-                        deps=("merge_v2",), router_init="domain_means", fraction=s.router_fraction,
+                        deps=("merge_v2",), router_init=s.router_init, fraction=s.router_fraction,
                         epochs=s.router_epochs, label="router after upgrade")
     plan.rows["BAR + code v2 (upgrade)"] = {"load": router_v2}
     plan.cost_groups["upgrade code: BAR"] = [*code_v2, router_v2]
@@ -349,7 +361,7 @@ def build_graph(s: DemoSettings, run: Path, graph: JobGraph, base_fn) -> Plan:
                 "--topk", str(n_exp), "--save", run / "models" / "btx_merge"],
                deps=[c[-1] for c in btx.values()], label="BTX merge")
         btx_router = p.train("btx_router", "btx_merge", "router", 0, s.lr_router, p._datasets(all_sft),
-                             deps=("btx_merge",), router_init="domain_means", fraction=s.router_fraction,
+                             deps=("btx_merge",), router_init=s.router_init, fraction=s.router_fraction,
                              epochs=s.router_epochs, label="BTX router")
         plan.rows["BTX (no shared params kept)"] = {"load": btx_router}
         plan.cost_groups["BTX"] = [j for c in btx.values() for j in c] + [btx_router]

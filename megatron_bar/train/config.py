@@ -76,6 +76,12 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    # LR multiplier for the shared parameters (embeddings, LM head, attention, norms) in
+    # the BAR expert stages (midtrain, sft, rlvr); experts and router train at ``lr``.
+    # Below 1 the experts' copies of the shared parameters stay close, so that merging
+    # averages parameters that are still near each other (the merge's divergence report
+    # measures how near). Dense stages (full) and the router stage ignore it.
+    shared_lr_scale: float = 1.0
 
 
 @dataclass
@@ -129,6 +135,8 @@ class TrainConfig:
             )
         if self.optim.schedule not in ("cosine", "constant", "linear"):
             raise ConfigError(f"optim.schedule {self.optim.schedule!r}: cosine, constant or linear")
+        if not self.optim.shared_lr_scale > 0:
+            raise ConfigError(f"optim.shared_lr_scale must be > 0, got {self.optim.shared_lr_scale}")
         if not self.model.load:
             raise ConfigError("model.load is required (a megatron_bar checkpoint to start from)")
         if not self.data.datasets:

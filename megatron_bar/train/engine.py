@@ -22,6 +22,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -46,7 +47,17 @@ def wrap_ddp(model, use_distributed_optimizer: bool | None = None) -> Distribute
 def make_optimizer(
     ddp_model, lr: float, min_lr: float = 0.0, weight_decay: float = 0.0, clip_grad: float = 1.0,
     adam_beta1: float = 0.9, adam_beta2: float = 0.95, adam_eps: float = 1e-8,
+    lr_scale_of: Callable[[str], float] | None = None,
 ):
+    """Megatron's optimizer over ``ddp_model``.
+
+    ``lr_scale_of(name)`` (a parameter's name in the unwrapped model -> LR multiplier)
+    puts the parameters it scales in param groups of their own, through megatron's
+    ``config_overrides`` (``max_lr``/``min_lr`` per group, which the LR scheduler reads),
+    next to megatron's standard overrides (no weight decay on biases and 1-d parameters).
+    """
+    from megatron.core.optimizer import get_standard_config_overrides
+
     config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -60,7 +71,19 @@ def make_optimizer(
         params_dtype=ddp_model.config.params_dtype,
         use_distributed_optimizer=ddp_model.ddp_config.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, [ddp_model])
+    overrides = None
+    if lr_scale_of is not None:
+        overrides = get_standard_config_overrides(config)
+        scales = {}
+        for name, _ in ddp_model.module.named_parameters():
+            scale = float(lr_scale_of(name))
+            if scale != 1.0:
+                scales[f"module.{name}"] = scale
+        for scale in sorted(set(scales.values())):
+            key = ParamKey(with_name_predicate=ParamWithNamePredicate(
+                name=f"lr_scale_{scale:g}", fn=lambda p, n, scale=scale: scales.get(n) == scale))
+            overrides[key] = {"max_lr": lr * scale, "min_lr": min_lr * scale}
+    return get_megatron_optimizer(config, [ddp_model], config_overrides=overrides)
 
 
 @dataclass

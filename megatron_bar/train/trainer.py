@@ -26,7 +26,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_bar import platform
 from megatron_bar.bar.freeze import (
+    EXPERT_STAGES,
     FREEZE_POLICIES,
+    SHARED_GROUPS,
     RouterRowFreeze,
     apply_freeze_policy,
     format_freeze_table,
@@ -131,6 +133,15 @@ def _scheduler(optimizer, cfg: TrainConfig, total_steps: int) -> OptimizerParamS
     )
 
 
+def _shared_lr_scale(cfg: TrainConfig, groups: dict[str, str]):
+    """``optim.shared_lr_scale`` as a name -> LR multiplier, or None where it does not apply."""
+    scale = cfg.optim.shared_lr_scale
+    if scale == 1.0 or cfg.train.stage not in EXPERT_STAGES:
+        return None
+    _print0(f"shared parameters ({', '.join(SHARED_GROUPS)}) train at {scale:g} x lr")
+    return lambda name: scale if groups[name] in SHARED_GROUPS else 1.0
+
+
 @dataclass
 class TrainingSetup:
     ddp: object
@@ -153,6 +164,7 @@ def setup_training(cfg: TrainConfig, model, model_cfg: ModelConfig, total_steps:
         ddp, lr=o.lr, min_lr=o.min_lr if o.schedule != "constant" else o.lr,
         weight_decay=o.weight_decay, clip_grad=o.clip_grad,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        lr_scale_of=_shared_lr_scale(cfg, groups),
     )
     scheduler = _scheduler(optimizer, cfg, total_steps)
     step = 0
