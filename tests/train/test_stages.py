@@ -145,3 +145,28 @@ def test_other_stages_freeze_exactly(tiny, sft_and_frozen, tmp_path, stage):
     start = sft_and_frozen[0].final_checkpoint
     result = run_stage(tiny, tmp_path / stage, stage, 4, load=start)
     check_freezing(state_of(start), state_of(result.final_checkpoint), stage, vocab(tiny))
+
+
+def test_shared_lr_scale_slows_only_the_shared_parameters(tiny, tmp_path):
+    """optim.shared_lr_scale: Adam's first step moves each trained element by the LR of
+    its group (|m/sqrt(v)| = 1), so the largest change of every shared tensor the SFT stage
+    trains (embeddings, LM head) is scale x lr, and of every expert tensor lr."""
+    lr, scale = 1e-2, 0.1
+    before = state_of(tiny["bar2"])
+    result = run_stage(tiny, tmp_path / "s", "sft", 1, extra=[
+        "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0.0",
+        f"optim.shared_lr_scale={scale}"])
+    after = state_of(result.final_checkpoint)
+    seen = set()
+    for name, old in before.items():
+        group = param_group(name, 2)
+        if group not in ("embedding", "lm_head", "experts"):
+            continue
+        new = after[name]
+        if group in ("embedding", "lm_head"):
+            old, new = old[:vocab(tiny)], new[:vocab(tiny)]
+        step = float((new.double() - old.double()).abs().max())
+        want = lr * scale if group != "experts" else lr
+        assert step == pytest.approx(want, rel=2e-2), (name, group, step, want)
+        seen.add(group)
+    assert seen == {"embedding", "lm_head", "experts"}
