@@ -31,7 +31,7 @@ STEP_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "i
 
 
 class StepFailed(RuntimeError):
-    pass
+    """A demo step exited non-zero (its log's tail is in the message)."""
 
 
 @dataclass

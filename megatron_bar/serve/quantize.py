@@ -55,7 +55,7 @@ DEFAULT_SEQ_LENGTH = 512
 
 
 class QuantizationError(ValueError):
-    pass
+    """Bad quantization input (format, calibration data, export): nothing is written."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,11 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -56,8 +60,6 @@ def make_optimizer(
     ``config_overrides`` (``max_lr``/``min_lr`` per group, which the LR scheduler reads),
     next to megatron's standard overrides (no weight decay on biases and 1-d parameters).
     """
-    from megatron.core.optimizer import get_standard_config_overrides
-
     config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
