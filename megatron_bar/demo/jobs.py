@@ -31,7 +31,7 @@ STEP_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "i
 
 
 class StepFailed(RuntimeError):
-    """A demo step exited non-zero (its log's tail is in the message)."""
+    """A demo step failed (non-zero exit, its log's tail in the message) or none can run."""
 
 
 @dataclass
