@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import threading
@@ -704,17 +705,61 @@ class StoredBlob:
 
 
 class _LazyPlanner(MCoreSavePlanner):
-    """megatron's save planner, except that tensor data comes from ``fill(key, offsets, sizes)``."""
+    """megatron's save planner, except that tensor data comes from ``fill(key, offsets, sizes)``.
 
-    def __init__(self, fill, **kwargs):
+    ``stored(key, offsets, sizes)`` (optional): the :class:`StoredBlob` that ``fill`` would
+    return for that chunk, or None - asked without computing anything, so that the writer
+    can copy stored chunks while computed ones are being computed."""
+
+    def __init__(self, fill, stored=None, **kwargs):
         super().__init__(**kwargs)
         self._fill = fill
+        self._stored = stored
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
         chunk = write_item.tensor_data.chunk
         return self._fill(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
+
+    def stored_data(self, write_item) -> "StoredBlob | None":
+        if self._stored is None or write_item.type == WriteItemType.BYTE_IO:
+            return None
+        chunk = write_item.tensor_data.chunk
+        return self._stored(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
+
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None."""
+    import ctypes
+
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return f
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+# Written bytes are handed to the disk (writeback started, not waited for) every this many
+# bytes, so that the final fsync waits for the tail only, not for the whole file.
+WRITEBACK_BYTES = 32 << 20
+
+
+class _Writeback:
+    """Starts the writeback of a file's written bytes as they accumulate."""
+
+    def __init__(self, fd: int):
+        self.fd, self.done = fd, 0
+
+    def advance(self, pos: int) -> None:
+        if _SYNC_FILE_RANGE is None or pos - self.done < WRITEBACK_BYTES:
+            return
+        _SYNC_FILE_RANGE(self.fd, self.done, pos - self.done, _SYNC_FILE_RANGE_WRITE)  # a hint: errors are fsync's
+        self.done = pos
 
 
 class _SerialWriter(FileSystemWriter):
@@ -724,18 +769,45 @@ class _SerialWriter(FileSystemWriter):
         file_name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
         path = self.fs.concat_path(self.path, file_name)
         items = sorted(plan.items, key=lambda wi: wi.type != WriteItemType.BYTE_IO)
+        # Stored chunks (copied as they are) need no computing: they are copied while the
+        # compute thread works on the next computed item, so that a long computation (the
+        # mean of an embedding) does not leave the writer idle.
+        stored_of = getattr(planner, "stored_data", lambda item: None)
+        computed, copies = [], []
+        for item in items:
+            blob = stored_of(item)
+            if blob is None:
+                computed.append(item)
+            else:
+                copies.append((item, blob))
+        copies.reverse()  # popped from the end, in plan order
+        if copies:
+            # the largest computed chunks first (the embedding, the LM head): they are
+            # computed while the writer has copies to make
+            tensors = [i for i in computed if i.type != WriteItemType.BYTE_IO]
+            tensors.sort(key=lambda wi: -math.prod(wi.tensor_data.chunk.sizes))
+            computed = [i for i in computed if i.type == WriteItemType.BYTE_IO] + tensors
         results = []
-        # Item i+1 is computed on a thread while item i is written: the arithmetic and the
-        # reads overlap the writes (both release the GIL). The producer keeps two output
-        # arenas (see _Composer.fill), so peak memory grows by one chunk, not with K.
+        # Computed item i+1 is computed on a thread while item i is written: the arithmetic
+        # and the reads overlap the writes (both release the GIL). The producer keeps two
+        # output arenas (see _Composer.fill), so peak memory grows by one chunk, not with K.
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1, thread_name_prefix="merge-compute") as pool, \
                 self.fs.create_stream(path, "wb") as stream:
-            ahead = pool.submit(planner.resolve_data, items[0]) if items else None
-            for i, item in enumerate(items):
-                data = ahead.result()
-                ahead = pool.submit(planner.resolve_data, items[i + 1]) if i + 1 < len(items) else None
+            writeback = _Writeback(stream.fileno()) if self.sync_files else None
+            nxt = 0
+            ahead = None
+            if computed:
+                ahead, nxt = pool.submit(planner.resolve_data, computed[0]), 1
+            while ahead is not None or copies:
+                if copies and (ahead is None or not ahead.done()):
+                    item, data = copies.pop()
+                else:
+                    item, data = computed[nxt - 1], ahead.result()
+                    ahead = None
+                    if nxt < len(computed):
+                        ahead, nxt = pool.submit(planner.resolve_data, computed[nxt]), nxt + 1
                 if isinstance(data, StoredBlob):
                     stream.flush()
                     offset = stream.tell()
@@ -743,14 +815,19 @@ class _SerialWriter(FileSystemWriter):
                     stream.seek(offset + length)
                     results.append(WriteResult(index=item.index, size_in_bytes=length,
                                                storage_data=_StorageInfo(file_name, offset, length)))
-                    continue
-                if item.type != WriteItemType.BYTE_IO:
-                    data = data.detach().contiguous()
-                    if data.untyped_storage().nbytes() != data.nbytes:
-                        data = data.clone()
-                results.append(_write_item(self.transforms, stream, data, item, file_name, self.serialization_format))
-                del data
+                else:
+                    if item.type != WriteItemType.BYTE_IO:
+                        data = data.detach().contiguous()
+                        if data.untyped_storage().nbytes() != data.nbytes:
+                            data = data.clone()
+                    results.append(_write_item(self.transforms, stream, data, item, file_name,
+                                               self.serialization_format))
+                    del data
+                if writeback is not None and stream.tell() - writeback.done >= WRITEBACK_BYTES:
+                    stream.flush()
+                    writeback.advance(stream.tell())
             if self.sync_files:
+                stream.flush()
                 os.fsync(stream.fileno())
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(results)
@@ -760,9 +837,10 @@ class _SerialWriter(FileSystemWriter):
 class _LazySaveStrategy(SaveShardedStrategy):
     """torch_dist format (what megatron's default strategy writes), computed lazily."""
 
-    def __init__(self, fill: Callable):
+    def __init__(self, fill: Callable, stored: Callable | None = None):
         super().__init__("torch_dist", 1)
         self.fill = fill
+        self.stored = stored
 
     @property
     def can_handle_sharded_objects(self):
@@ -774,17 +852,21 @@ class _LazySaveStrategy(SaveShardedStrategy):
         dcp_save(
             pyt_state_dict,
             storage_writer=_SerialWriter(str(checkpoint_dir), thread_count=1),
-            planner=_LazyPlanner(self.fill, dedup_replicated_tensors=False, flatten_state_dict=False),
+            planner=_LazyPlanner(self.fill, self.stored, dedup_replicated_tensors=False, flatten_state_dict=False),
         )
 
 
-def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable) -> None:
+def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable,
+                     stored: Callable | None = None) -> None:
     """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``.
 
     ``fill(key, offsets, sizes)`` returns each stored chunk (a tensor of ``sizes``, in the
     global coordinates megatron stores ``key`` in) - or a :class:`StoredBlob` of an input
-    holding exactly that chunk; it is called once per chunk, in turn.
+    holding exactly that chunk; it is called once per chunk, in turn, on one thread.
+    ``stored(key, offsets, sizes)`` (optional) tells, without computing, the chunks that
+    ``fill`` would return as a :class:`StoredBlob` (that blob; else None): those are
+    copied while ``fill`` computes the others, and ``fill`` is not asked for them.
     """
     sharded = meta_model(cfg, dtype).sharded_state_dict()
-    dist_checkpointing.save(sharded, str(directory), sharded_strategy=_LazySaveStrategy(fill))
+    dist_checkpointing.save(sharded, str(directory), sharded_strategy=_LazySaveStrategy(fill, stored))
     cfg.save(directory)
