@@ -168,7 +168,7 @@ def test_merged_tensors_equal_reference(experts, merged, tmp_path):
     assert [e["name"] for e in manifest["experts"]] == list(experts)
     assert [e["source"] for e in manifest["experts"]] == [str(p.resolve()) for p in experts.values()]
     hashes = [e["content_hash"] for e in manifest["experts"]]
-    assert len(set(hashes)) == 3 and all(h.startswith("sha256:") for h in hashes)
+    assert len(set(hashes)) == 3 and all(h.startswith("blake3:") for h in hashes)
     with CheckpointReader(experts["math"]) as r:  # the hash is of the model's tensors
         assert hashes[0] == r.content_hash([k for k in r.keys()])
     assert manifest["averaging"]["method"] == "mean"
