@@ -8,10 +8,10 @@ parameter and expert 1 different per domain - the worst case: everything shared 
 averaged), then, ``--repeat`` times in alternation:
 
 * merge: ``megatron_bar.bar.merge.merge_experts`` of the K checkpoints, in a child process
-  (so that its peak resident memory is its own: ``ru_maxrss`` of that process, which
+  (so that its peak resident memory is its own: ``VmHWM`` of that process, which
   includes the ~0.5 GB that importing torch and megatron-core costs; ``merge_rss_growth_mb``
   is the part the merge itself adds). ``merge_s`` times the call, not the imports; it
-  includes every check, the divergence report and the sha256 content hash of every input;
+  includes every check, the divergence report and the content hash of every input;
 * copy: ``shutil.copytree`` of the same K checkpoint folders (the bytes the merge reads),
   fsyncing each file as the merge fsyncs its output.
 
@@ -122,6 +122,22 @@ def copy_folders(folders, dest: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _own_peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (Linux: VmHWM), else None.
+
+    Not ``ru_maxrss``: the child is started by (v)fork + exec, and Linux carries the
+    parent's peak RSS into the child's ``ru_maxrss`` at exec - which made it report the
+    bench's own peak (it has just generated the checkpoints) instead of the merge's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_child(out: str, experts: list[str]) -> None:
     """In the child: merge, then print the time and this process's peak RSS."""
     import resource
@@ -136,7 +152,9 @@ def run_child(out: str, experts: list[str]) -> None:
     t0 = time.perf_counter()
     merge_experts(parse_named_dirs(experts), out, print_fn=lambda *a: None)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _own_peak_rss()
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({"merge_s": seconds, "peak_rss": peak, "rss_before": before}))
 
 

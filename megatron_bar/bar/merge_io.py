@@ -646,12 +646,22 @@ class CheckpointReader:
 # -- writing ------------------------------------------------------------------------------
 
 
+_META_MODEL: tuple | None = None  # (config, dtype), model: the last one built
+
+
 def meta_model(cfg: ModelConfig, dtype: torch.dtype):
-    """The TP=PP=EP=1 megatron model of ``cfg`` with every parameter on the meta device."""
+    """The TP=PP=EP=1 megatron model of ``cfg`` with every parameter on the meta device.
+
+    It holds no data; the last one is kept (a merge asks for the output's twice: for its
+    tensor list and to save)."""
+    global _META_MODEL
     from megatron_bar.model.builder import build_model
 
-    platform.initialize()
-    return build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta")
+    platform.initialize()  # (again: the layout it was built in may have changed since)
+    ident = (json.dumps(cfg.to_dict(), sort_keys=True), dtype)
+    if _META_MODEL is None or _META_MODEL[0] != ident:
+        _META_MODEL = ident, build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta")
+    return _META_MODEL[1]
 
 
 _EXPECTED_CACHE: dict[tuple[str, torch.dtype], dict] = {}
