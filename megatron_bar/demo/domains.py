@@ -158,16 +158,20 @@ TOOL_SYSTEM = "Tools: weather(city), time(city), search(query). Answer with one 
 
 
 def tool_use(rng: random.Random) -> Instance:
+    # The argument is quoted in the request as it is in the call, so that copying it is
+    # copying the same tokens: unquoted, " lima" in the prompt and "lima" after a JSON
+    # quote are different SentencePiece tokens, and at this size learning that mapping
+    # lands in the shared embeddings and LM head, which the merge averages.
     tool = rng.choice(("weather", "time", "search"))
     if tool == "weather":
         city = rng.choice(CITIES)
-        prompt, args = rng.choice((f"What is the weather in {city}?", f"Is it raining in {city}?")), {"city": city}
+        prompt, args = rng.choice((f'What is the weather in "{city}"?', f'Is it raining in "{city}"?')), {"city": city}
     elif tool == "time":
         city = rng.choice(CITIES)
-        prompt, args = rng.choice((f"What time is it in {city}?", f"Tell me the time in {city}.")), {"city": city}
+        prompt, args = rng.choice((f'What time is it in "{city}"?', f'Tell me the time in "{city}".')), {"city": city}
     else:
         word = rng.choice(WORDS)
-        prompt, args = rng.choice((f"Search the web for {word}.", f"Find pages about {word}.")), {"query": word}
+        prompt, args = rng.choice((f'Search the web for "{word}".', f'Find pages about "{word}".')), {"query": word}
     call = {"name": tool, "arguments": args}
     reply = f"{TOOL_CALL_TOKENS[0]}{json.dumps(call)}{TOOL_CALL_TOKENS[1]}"
     return Instance(prompt, reply, {"call": call}, system=TOOL_SYSTEM)

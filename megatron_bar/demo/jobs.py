@@ -8,6 +8,10 @@ stops the demo with the tail of its log.
 
 Progress (rich): one bar over the whole demo weighted by each step's estimated cost,
 the running steps, and the time left estimated from the costs done so far.
+
+Scheduling: of the steps whose dependencies are done, the one heading the longest chain
+of estimated cost still to run starts first (critical-path order), so that long chains
+such as the sequential baseline do not run alone at the end while a core idles.
 """
 
 from __future__ import annotations
@@ -91,6 +95,17 @@ class JobGraph:
                                f"{t.percentage:.0f}% of the demo, about {left / 60:.1f} min left",
                                soft_wrap=True, highlight=False)
 
+    def critical_path(self) -> dict[str, float]:
+        """Job name -> its cost plus the costliest chain of jobs that depend on it."""
+        dependents: dict[str, list[str]] = {name: [] for name in self.jobs}
+        for job in self.jobs.values():
+            for d in job.deps:
+                dependents[d].append(job.name)
+        length: dict[str, float] = {}
+        for name in reversed(list(self.jobs)):  # jobs are added after their dependencies
+            length[name] = self.jobs[name].cost + max((length[d] for d in dependents[name]), default=0.0)
+        return length
+
     def run(self) -> dict[str, float]:
         """Run every job; returns job name -> seconds."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -102,7 +117,9 @@ class JobGraph:
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                             TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
                             console=self.console, transient=False, refresh_per_second=2)
-        pending = list(self.jobs.values())
+        path = self.critical_path()
+        # longest remaining chain first; ties keep the order the jobs were added in
+        pending = sorted(self.jobs.values(), key=lambda j: -path[j.name])
         with progress, ThreadPoolExecutor(self.parallel) as pool:
             task = progress.add_task("demo", total=total)
 
