@@ -133,8 +133,8 @@ def _own_peak_rss() -> int | None:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    except OSError:  # no /proc: the caller falls back to ru_maxrss
+        return None
     return None
 
 

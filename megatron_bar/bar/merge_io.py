@@ -771,15 +771,18 @@ WRITEBACK_BYTES = 32 << 20
 
 
 class _Writeback:
-    """Starts the writeback of a file's written bytes as they accumulate."""
+    """Starts the writeback of a stream's written bytes as they accumulate."""
 
-    def __init__(self, fd: int):
-        self.fd, self.done = fd, 0
+    def __init__(self, stream):
+        self.stream, self.done = stream, 0
 
-    def advance(self, pos: int) -> None:
+    def after_write(self) -> None:
+        pos = self.stream.tell()
         if _SYNC_FILE_RANGE is None or pos - self.done < WRITEBACK_BYTES:
             return
-        _SYNC_FILE_RANGE(self.fd, self.done, pos - self.done, _SYNC_FILE_RANGE_WRITE)  # a hint: errors are fsync's
+        self.stream.flush()  # the bytes must be in the file before the kernel can write them back
+        # a hint: errors, if any, are reported by the final fsync
+        _SYNC_FILE_RANGE(self.stream.fileno(), self.done, pos - self.done, _SYNC_FILE_RANGE_WRITE)
         self.done = pos
 
 
@@ -823,7 +826,7 @@ class _SerialWriter(FileSystemWriter):
 
         with ThreadPoolExecutor(1, thread_name_prefix="merge-compute") as pool, \
                 self.fs.create_stream(path, "wb") as stream:
-            writeback = _Writeback(stream.fileno()) if self.sync_files else None
+            writeback = _Writeback(stream) if self.sync_files else None
             nxt = 0
             ahead = None
             if computed:
@@ -851,9 +854,8 @@ class _SerialWriter(FileSystemWriter):
                     results.append(_write_item(self.transforms, stream, data, item, file_name,
                                                self.serialization_format))
                     del data
-                if writeback is not None and stream.tell() - writeback.done >= WRITEBACK_BYTES:
-                    stream.flush()
-                    writeback.advance(stream.tell())
+                if writeback is not None:
+                    writeback.after_write()
             if self.sync_files:
                 stream.flush()
                 os.fsync(stream.fileno())
