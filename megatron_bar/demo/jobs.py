@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-# One thread per process: CPU training is then bit-for-bit reproducible, and two steps
-# share the 2 cores of a laptop without oversubscribing them.
-STEP_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+# One thread per process by default, so that two steps share the 2 cores of a laptop
+# without oversubscribing them. A step's thread count is fixed by the graph (Job.threads),
+# never by what else happens to run, so CPU training stays bit-for-bit reproducible.
+STEP_ENV = {"PYTHONWARNINGS": "ignore",
             "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0",
             # each RLVR stage starts its own local Ray, never joining one found on the machine
             "RAY_ADDRESS": "local"}
@@ -47,25 +48,28 @@ class Job:
     cost: float = 10.0  # estimated seconds: the progress bar's weight
     label: str = ""
     retries: int = 0  # re-runs after a failure (the stage resumes from its checkpoint)
+    threads: int = 1  # torch threads: more only for steps that run alone by construction
     done_at: float = field(default=0.0, init=False)
     seconds: float = field(default=0.0, init=False)
 
 
-def run_command(argv: list[str], log: Path, cwd: Path, retries: int = 0) -> None:
+def run_command(argv: list[str], log: Path, cwd: Path, retries: int = 0, threads: int = 1) -> None:
     for attempt in range(retries + 1):
         try:
-            return _run_once(argv, log if attempt == 0 else log.with_suffix(f".retry{attempt}.log"), cwd)
+            return _run_once(argv, log if attempt == 0 else log.with_suffix(f".retry{attempt}.log"), cwd,
+                             threads)
         except StepFailed:
             if attempt == retries:
                 raise
 
 
-def _run_once(argv: list[str], log: Path, cwd: Path) -> None:
+def _run_once(argv: list[str], log: Path, cwd: Path, threads: int = 1) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         f.write("$ " + " ".join(argv) + "\n")
         f.flush()
-        proc = subprocess.run(argv, cwd=cwd, env={**os.environ, **STEP_ENV}, stdout=f,
+        env = {**os.environ, **STEP_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        proc = subprocess.run(argv, cwd=cwd, env=env, stdout=f,
                               stderr=subprocess.STDOUT)
     if proc.returncode:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
@@ -148,7 +152,7 @@ class JobGraph:
                             argv = job.command()
                             log = self.run_dir / "logs" / f"{job.name}.log"
                             job.done_at = time.time()
-                            running[pool.submit(run_command, argv, log, self.cwd, job.retries)] = job
+                            running[pool.submit(run_command, argv, log, self.cwd, job.retries, job.threads)] = job
                     describe()
                     if not running:
                         if pending and not any(all(d in done for d in j.deps) for j in pending):

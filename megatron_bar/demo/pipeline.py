@@ -20,6 +20,7 @@ the code expert through ``merge_experts.py --base --replace`` plus router retrai
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -51,14 +52,14 @@ class DemoSettings:
     midtrain_steps: int = 60
     sft_steps: int = 300
     rl_steps: int = 12
-    router_epochs: float = 10.0
+    router_epochs: float = 30.0
     router_fraction: float = 0.05
     upgrade_factor: float = 2.0  # the code v2 expert trains this many times longer
     lr_pretrain: float = 3e-3
     lr_midtrain: float = 2e-3
     lr_sft: float = 3e-3
     lr_rl: float = 3e-4
-    lr_router: float = 1e-3
+    lr_router: float = 1e-2
     router_init: str = "none"  # the experts' own router rows (domain_means: the option)
     # LR multiplier of the shared parameters in the BAR expert stages (optim.shared_lr_scale):
     # at this size a merge of experts whose embeddings and LM head moved at the full LR
@@ -68,11 +69,13 @@ class DemoSettings:
     # 0.1 they end 10% apart and the merge keeps safety (100 -> 95); at 0.03 tool use
     # no longer learns.
     shared_lr_scale: float = 0.1
+    embedding_lr_scale: float = 0.01
     rl_prompts: int = 8
     rl_samples: int = 8
     rl_max_tokens: int = 24
     parallel: int = 2
     eval_max_new_tokens: int = 40
+    eval_cost: float = 40  # estimated seconds of one row's evaluation (the progress bar's weight)
     baselines: bool = True  # monolithic, sequential, dense merge
     btx: bool = True  # the BTX-style baseline (4 more expert pipelines)
     baseline_rl: bool = True  # RLVR in the baselines too (the quick demo skips it)
@@ -88,7 +91,7 @@ class DemoSettings:
             sizes=D.DataSizes(sft=96, rl=32, test=16, midtrain=64, pretrain=400),
             pretrain_steps=30, base_sft_steps=8, midtrain_steps=0, sft_steps=12, rl_steps=2, router_epochs=1.0,
             btx=False, baseline_rl=False,
-            router_fraction=0.2, rl_prompts=4, rl_samples=4, rl_max_tokens=16, eval_max_new_tokens=32,
+            router_fraction=0.2, rl_prompts=4, rl_samples=4, rl_max_tokens=16, eval_max_new_tokens=32, eval_cost=8,
         )
 
 
@@ -138,7 +141,7 @@ class Planner:
 
     def train(self, name: str, load_job: str, stage: str, steps: int, lr: float, datasets: list[dict],
               deps=(), special: bool = False, router_init: str = "none", fraction: float = 1.0,
-              epochs: float | None = None, label: str = "") -> str:
+              epochs: float | None = None, label: str = "", threads: int = 1) -> str:
         s = self.s
         out = self.run / "stages" / name
         cfg = {
@@ -147,7 +150,8 @@ class Planner:
                      "add_special_tokens": list(D.TOOL_CALL_TOKENS) if special else []},
             "optim": {"lr": lr, "schedule": "cosine" if stage != "router" else "constant",
                       "warmup_steps": 0 if stage == "router" else max(1, steps // 10), "clip_grad": 1.0,
-                      "shared_lr_scale": s.shared_lr_scale},
+                      "shared_lr_scale": s.shared_lr_scale,
+                      "shared_lr_scale_by_group": {"embedding": s.embedding_lr_scale}},
             "train": {"stage": stage, "steps": None if epochs else steps, "epochs": epochs or 1.0,
                       "global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size,
                       "seed": s.seed + 1234, "log_interval": max(1, steps // 10), "output_dir": str(out)},
@@ -164,7 +168,8 @@ class Planner:
             return python_module("megatron_bar.train", config)
 
         self.graph.add(Job(name, command=command, deps=tuple(deps) + ((load_job,) if load_job in self.graph.jobs else ()),
-                           cost=6 + steps * self._step_cost(stage), label=label or name))
+                           cost=6 + steps * self._step_cost(stage) / threads, label=label or name,
+                           threads=threads))
         return name
 
     def rl(self, name: str, load_job: str, rl_domains: list[str], stage: str, label: str = "",
@@ -178,7 +183,8 @@ class Planner:
                    "samples_per_prompt": s.rl_samples, "prompts_per_rollout": s.rl_prompts,
                    "temperature": 1.0, "max_response_tokens": s.rl_max_tokens, "num_workers": 1,
                    "timeout_s": 600.0},
-            "optim": {"lr": s.lr_rl, "schedule": "constant", "clip_grad": 1.0, "shared_lr_scale": s.shared_lr_scale},
+            "optim": {"lr": s.lr_rl, "schedule": "constant", "clip_grad": 1.0, "shared_lr_scale": s.shared_lr_scale,
+                      "shared_lr_scale_by_group": {"embedding": s.embedding_lr_scale}},
             "train": {"stage": stage, "steps": steps, "micro_batch_size": s.rl_prompts * s.rl_samples,
                       "global_batch_size": s.rl_prompts * s.rl_samples,
                       "seed": s.seed + 1234, "log_interval": 1, "output_dir": str(out)},
@@ -225,6 +231,7 @@ class Plan:
     router_job: str = ""
     export_job: str = ""
     cost_groups: dict[str, list[str]] = field(default_factory=dict)  # approach -> its training jobs
+    eval_files: dict[str, Path] = field(default_factory=dict)  # row -> its evaluation's JSON
 
 
 def expert_chain(p: Planner, prefix: str, domain: str, load: str, *, stages: tuple[str, str, str],
@@ -259,14 +266,16 @@ def build_graph(s: DemoSettings, run: Path, graph: JobGraph, base_fn) -> Plan:
     graph.add(Job("base", fn=base_fn, cost=15, label="data, tokenizer, random tiny Olmo 2"))
     p.stages["base"] = None  # type: ignore[assignment]
     del p.stages["base"]
+    # The base's two stages run alone (everything else depends on them): they get every
+    # core the demo may use, a fixed count, so the run stays reproducible.
     pre = p.train("pretrain", "base", "full", s.pretrain_steps, s.lr_pretrain,
                   [{"path": str(p.data / "pretrain.jsonl"), "kind": "text", "weight": 1.0, "domain": "general"}],
-                  deps=("base",), label="pretrain the base")
+                  deps=("base",), label="pretrain the base", threads=s.parallel)
     # The method branches from a fully post-trained model: the base also learns the chat
     # format and general instruction following (general SFT), never the domains.
     if s.base_sft_steps > 0:
         pre = p.train("base_sft", pre, "full", s.base_sft_steps, s.lr_sft, p._datasets({D.GENERAL: 1.0}),
-                      label="post-train the base (general SFT)")
+                      label="post-train the base (general SFT)", threads=s.parallel)
     plan.rows["base"] = {"load": pre}
     p.tool("upcycle", "upcycle.py", ["--load", lambda: p.ckpt(pre), "--save", run / "models" / "upcycle"],
            deps=(pre,), label="upcycle to 2 experts")
@@ -369,7 +378,36 @@ def build_graph(s: DemoSettings, run: Path, graph: JobGraph, base_fn) -> Plan:
                              epochs=s.router_epochs, label="BTX router")
         plan.rows["BTX (no shared params kept)"] = {"load": btx_router}
         plan.cost_groups["BTX"] = [j for c in btx.values() for j in c] + [btx_router]
+    add_eval_jobs(plan)
     return plan
+
+
+def add_eval_jobs(plan: Plan) -> None:
+    """One evaluation step per row, ready as soon as its model is: rows are evaluated
+    while other models still train, not all at the end."""
+    p = plan.planner
+    for row, spec in plan.rows.items():
+        slug = re.sub(r"[^a-z0-9]+", "_", row.lower()).strip("_")
+        out = p.run / "eval" / f"{slug}.json"
+        plan.eval_files[row] = out
+        deps = tuple(spec["average"]) if "average" in spec else (spec["load"],)
+
+        def command(spec=spec, out=out):
+            return python_module("megatron_bar.demo.report", "--row", json.dumps(_resolve_row(p, spec)),
+                                 "--suites", p.data / "test", "--max-new-tokens", p.s.eval_max_new_tokens,
+                                 "--out", out)
+
+        p.graph.add(Job(f"eval_{slug}", command=command, deps=deps, cost=p.s.eval_cost,
+                        label=f"evaluate {row}"))
+
+
+def _resolve_row(p: Planner, spec: dict) -> dict:
+    """A row spec with the pipeline's job names replaced by checkpoint folders."""
+    if "hf" in spec:
+        return {"hf": str(spec["hf"])}
+    if "average" in spec:
+        return {"average": [str(p.ckpt(j)) for j in spec["average"]]}
+    return {"path": str(p.ckpt(spec["load"])), "topk": spec.get("topk")}
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -409,14 +447,13 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False, console=None) 
                   f"{len(graph.jobs)} steps, {s.parallel} at a time -> {out}")
     seconds = graph.run()
     train_s = time.time() - t0
-    console.print(f"training done in {train_s / 60:.1f} min; evaluating {len(plan.rows)} models")
+    console.print(f"training and evaluation done in {train_s / 60:.1f} min")
 
     from megatron_bar.data.tokenizer import load_tokenizer
-    from megatron_bar.eval import load_suites
 
-    suites = load_suites(out / "data" / "test", domains=[*D.DOMAINS, D.GENERAL])
-    table, samples = report.evaluate_rows(plan.rows, p.ckpt, suites, s.eval_max_new_tokens,
-                                          progress=lambda n: console.print(f"  eval: {n}"))
+    evaluated = {row: json.loads(path.read_text()) for row, path in plan.eval_files.items()}
+    table = {row: e["scores"] for row, e in evaluated.items()}
+    samples = {row: e["samples"] for row, e in evaluated.items()}
     claims = report.check_claims(table)
     tokenizer = load_tokenizer(p.ckpt("pretrain") / "tokenizer")
     per_domain = {d: [j for j in plan.cost_groups["BAR"] if j.startswith(f"bar_{d}_")] for d in D.DOMAINS}

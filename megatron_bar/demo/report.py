@@ -21,8 +21,10 @@ COLUMNS = [*D.DOMAINS, "general", "overall"]
 
 # -- loading the rows -------------------------------------------------------------------
 
-def load_row_model(spec: dict, ckpt):
-    """``(model, tokenizer)`` of a row spec built by the pipeline."""
+def load_row_model(spec: dict, ckpt=None):
+    """``(model, tokenizer)`` of a row spec: ``{"path": dir, "topk": k}``, ``{"average":
+    [dir, ...]}`` (dense weight merging) or ``{"hf": dir}``; with ``ckpt`` (job -> dir),
+    ``"load"`` and the averaged entries may name the pipeline's jobs instead."""
     import megatron_bar
     from megatron_bar.data.tokenizer import load_tokenizer
 
@@ -32,7 +34,7 @@ def load_row_model(spec: dict, ckpt):
         path = Path(spec["hf"])
         return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
     if "average" in spec:
-        paths = [ckpt(j) for j in spec["average"]]
+        paths = [Path(ckpt(j)) if ckpt else Path(j) for j in spec["average"]]
         model = megatron_bar.load_model(paths[0])
         state = model.state_dict()
         keys = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
@@ -43,23 +45,39 @@ def load_row_model(spec: dict, ckpt):
                 acc[k] += other[k]
         model.load_state_dict({**state, **{k: v / len(paths) for k, v in acc.items()}})
         return model, load_tokenizer(paths[0] / "tokenizer")
-    path = ckpt(spec["load"])
+    path = Path(spec["path"]) if "path" in spec else Path(ckpt(spec["load"]))
     return megatron_bar.load_model(path, moe_topk=spec.get("topk")), load_tokenizer(path / "tokenizer")
 
 
-def evaluate_rows(rows: dict[str, dict], ckpt, suites, max_new_tokens: int, progress=None) -> tuple[dict, dict]:
+def evaluate_row(spec: dict, suites, max_new_tokens: int, ckpt=None) -> dict:
+    """One row's scores (rounded, in :data:`COLUMNS`) and its first replies per domain."""
     from megatron_bar.eval import evaluate_detailed
 
-    scores, samples = {}, {}
-    for name, spec in rows.items():
-        if progress:
-            progress(name)
-        model, tok = load_row_model(spec, ckpt)
-        res = evaluate_detailed(model, tok, suites, max_new_tokens=max_new_tokens, batch_size=64)
-        scores[name] = {c: round(res.scores[c], 2) for c in COLUMNS}
-        samples[name] = {d: v[:3] for d, v in res.samples.items()}
-        del model
-    return scores, samples
+    model, tok = load_row_model(spec, ckpt)
+    res = evaluate_detailed(model, tok, suites, max_new_tokens=max_new_tokens, batch_size=64)
+    return {"scores": {c: round(res.scores[c], 2) for c in COLUMNS},
+            "samples": {d: v[:3] for d, v in res.samples.items()}}
+
+
+def main(argv=None) -> None:
+    """One row's evaluation as a step of the demo (so that it runs beside training):
+
+        python -m megatron_bar.demo.report --row '{"path": DIR}' --suites DIR --out FILE
+    """
+    import argparse
+
+    from megatron_bar.eval import load_suites
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("--row", required=True, help="the row spec, JSON (see load_row_model)")
+    ap.add_argument("--suites", required=True, help="folder of test suites (<domain>.jsonl)")
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--out", required=True, help="JSON file: scores and samples")
+    a = ap.parse_args(argv)
+    suites = load_suites(a.suites, domains=[*D.DOMAINS, "general"])
+    result = evaluate_row(json.loads(a.row), suites, a.max_new_tokens)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(a.out), json.dumps(result, indent=1))
 
 
 # -- the findings -------------------------------------------------------------------------
@@ -271,3 +289,7 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -87,18 +87,21 @@ def greedy_generate(
             p = list(prompts[i])
             ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
             real[row, width - len(p):] = True
-        done = torch.zeros(len(batch), dtype=torch.bool)
-        new = []
-        for _ in range(max_new_tokens):
+        # A row that has emitted EOS leaves the batch: short answers (most of a suite) stop
+        # costing compute while long ones go on.
+        gen = torch.full((len(batch), max_new_tokens), eos_id, dtype=torch.long)
+        active = torch.arange(len(batch))
+        for t in range(max_new_tokens):
             logits = _forward(model, kind, ids, real).float()
             nxt = logits.argmax(-1).cpu()
-            new.append(nxt)
-            done |= nxt == eos_id
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            real = torch.cat([real, torch.ones(len(batch), 1, dtype=torch.bool)], dim=1)
-            if bool(done.all()):
+            gen[active, t] = nxt
+            going = nxt != eos_id
+            if not bool(going.any()):
                 break
-        gen = torch.stack(new, dim=1).tolist() if new else [[] for _ in batch]
+            active = active[going]
+            ids = torch.cat([ids[going], nxt[going, None]], dim=1)
+            real = torch.cat([real[going], torch.ones(len(active), 1, dtype=torch.bool)], dim=1)
+        gen = gen.tolist()
         for row, i in enumerate(batch):
             tokens = gen[row]
             results[i] = tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens

@@ -306,7 +306,9 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
                                      rl.max_response_tokens, tokenizer.eos_id, tokenizer.pad_id,
                                      seed=cfg.train.seed * 100003 + step)
                 t_gen = time.perf_counter() - t0
+                t_score = time.perf_counter()
                 rollouts, reward_errors = score(raw, prompts, tokenizer, reward_fns)
+                t_score = time.perf_counter() - t_score
                 rewards = torch.tensor([r.reward for r in rollouts])
                 adv = group_advantages(rewards, rl.samples_per_prompt, rl.advantage_scale)
                 keep, dropped = drop_uniform_groups(rewards, rl.samples_per_prompt)
@@ -324,6 +326,7 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
                     "response_length": lengths.mean().item(),
                     "groups_dropped_share": dropped / rl.prompts_per_rollout,
                     "time_generation_s": t_gen,
+                    "time_reward_s": t_score,
                     "worker_restarts": fleet.restarts_seen,
                 }
                 rollouts = kept
@@ -348,6 +351,7 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
                 print(f"step {step}/{total_steps} | reward {stats['reward_mean']:.3f} | "
                       f"len {stats['response_length']:.1f} | dropped {stats['groups_dropped_share']:.2f} | "
                       f"clip {update.get('clip_frac', 0):.3f} | gen {stats['time_generation_s']:.1f}s "
+                      f"score {stats['time_reward_s']:.1f}s "
                       f"train {t_train:.1f}s sync {t_sync:.1f}s", flush=True)
 
             def save(s):

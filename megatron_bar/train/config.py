@@ -82,6 +82,11 @@ class OptimConfig:
     # averages parameters that are still near each other (the merge's divergence report
     # measures how near). Dense stages (full) and the router stage ignore it.
     shared_lr_scale: float = 1.0
+    # Per-group overrides of shared_lr_scale, e.g. {embedding: 0.01}: the merge averages
+    # each group, and groups differ in how much an average of K drifted copies costs (in
+    # the demo the averaged embeddings cost the code expert everything, the averaged LM
+    # head almost nothing). Keys: embedding, lm_head, attention, norms.
+    shared_lr_scale_by_group: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,6 +142,14 @@ class TrainConfig:
             raise ConfigError(f"optim.schedule {self.optim.schedule!r}: cosine, constant or linear")
         if not self.optim.shared_lr_scale > 0:
             raise ConfigError(f"optim.shared_lr_scale must be > 0, got {self.optim.shared_lr_scale}")
+        from megatron_bar.bar.freeze import SHARED_GROUPS
+
+        for group, scale in self.optim.shared_lr_scale_by_group.items():
+            if group not in SHARED_GROUPS:
+                raise ConfigError(f"optim.shared_lr_scale_by_group: {group!r} is not a shared group "
+                                  f"({', '.join(SHARED_GROUPS)})")
+            if not scale > 0:
+                raise ConfigError(f"optim.shared_lr_scale_by_group.{group} must be > 0, got {scale}")
         if not self.model.load:
             raise ConfigError("model.load is required (a megatron_bar checkpoint to start from)")
         if not self.data.datasets:
@@ -194,6 +207,10 @@ def _coerce(tp, value, where: str):
         return _coerce(inner[0], value, where)
     if _is_dataclass_type(tp):
         return _build(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, where): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

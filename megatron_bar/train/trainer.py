@@ -135,11 +135,11 @@ def _scheduler(optimizer, cfg: TrainConfig, total_steps: int) -> OptimizerParamS
 
 def _shared_lr_scale(cfg: TrainConfig, groups: dict[str, str]):
     """``optim.shared_lr_scale`` as a name -> LR multiplier, or None where it does not apply."""
-    scale = cfg.optim.shared_lr_scale
-    if scale == 1.0 or cfg.train.stage not in EXPERT_STAGES:
+    scales = {g: cfg.optim.shared_lr_scale_by_group.get(g, cfg.optim.shared_lr_scale) for g in SHARED_GROUPS}
+    if set(scales.values()) == {1.0} or cfg.train.stage not in EXPERT_STAGES:
         return None
-    _print0(f"shared parameters ({', '.join(SHARED_GROUPS)}) train at {scale:g} x lr")
-    return lambda name: scale if groups[name] in SHARED_GROUPS else 1.0
+    _print0("shared parameters train at " + ", ".join(f"{g} {s:g}" for g, s in scales.items()) + " x lr")
+    return lambda name: scales.get(groups[name], 1.0)
 
 
 @dataclass

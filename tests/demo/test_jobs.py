@@ -28,3 +28,14 @@ def test_the_longest_chain_starts_first(tmp_path):
     # done_at is set when a job starts; one at a time, so the start order is the schedule
     order = sorted(g.jobs, key=lambda n: g.jobs[n].done_at)
     assert order[0] == "long1", order
+
+
+def test_a_step_gets_the_thread_count_of_its_job_whatever_runs_beside_it(tmp_path):
+    """Thread counts change CPU numerics; they come from the job, so runs reproduce."""
+    script = "import os, torch; print('threads', os.environ['OMP_NUM_THREADS'], torch.get_num_threads())"
+    g = JobGraph(tmp_path, tmp_path, parallel=2)
+    g.add(Job("alone", command=lambda: [sys.executable, "-c", script], threads=2))
+    g.add(Job("default", command=lambda: [sys.executable, "-c", script]))
+    g.run()
+    assert "threads 2 2" in (tmp_path / "logs" / "alone.log").read_text()
+    assert "threads 1 1" in (tmp_path / "logs" / "default.log").read_text()

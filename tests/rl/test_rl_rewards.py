@@ -90,6 +90,40 @@ def test_code_reward_failures_score_zero(program):
     assert code_reward({"tests": ADD_TESTS, "timeout_s": 1.0}, _fenced(program)) == 0.0
 
 
+def _count_sandbox_runs(monkeypatch) -> list[str]:
+    import megatron_bar.rl.rewards as rewards
+
+    real, runs = rewards.run_python, []
+
+    def counted(program, stdin="", **kw):
+        runs.append(program)
+        return real(program, stdin, **kw)
+
+    monkeypatch.setattr(rewards, "run_python", counted)
+    rewards._passes_tests.cache_clear()
+    return runs
+
+
+def test_code_reward_unparsable_program_scores_zero_without_running(monkeypatch):
+    runs = _count_sandbox_runs(monkeypatch)
+    assert code_reward({"tests": ADD_TESTS}, _fenced("print(1 +")) == 0.0
+    assert code_reward({"tests": ADD_TESTS}, _fenced("def f(:\n    return")) == 0.0
+    assert runs == []
+    # one that parses but fails at run time still runs, and still scores zero
+    assert code_reward({"tests": ADD_TESTS}, _fenced("print(undefined_name)")) == 0.0
+    assert len(runs) == 1
+
+
+def test_code_reward_same_program_same_tests_runs_once(monkeypatch):
+    runs = _count_sandbox_runs(monkeypatch)
+    good = _fenced("a, b = map(int, input().split())\nprint(a + b)")
+    assert [code_reward({"tests": ADD_TESTS}, good) for _ in range(3)] == [1.0, 1.0, 1.0]
+    assert len(runs) == len(ADD_TESTS)
+    # other tests for the same program: its verdict is not reused
+    assert code_reward({"tests": [{"stdin": "1 2\n", "stdout": "4\n"}]}, good) == 0.0
+    assert len(runs) == len(ADD_TESTS) + 1
+
+
 def test_code_reward_without_tests_is_an_error():
     with pytest.raises(ValueError, match="no tests"):
         code_reward({"tests": []}, "print(1)")

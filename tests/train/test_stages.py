@@ -148,14 +148,16 @@ def test_other_stages_freeze_exactly(tiny, sft_and_frozen, tmp_path, stage):
 
 
 def test_shared_lr_scale_slows_only_the_shared_parameters(tiny, tmp_path):
-    """optim.shared_lr_scale: Adam's first step moves each trained element by the LR of
-    its group (|m/sqrt(v)| = 1), so the largest change of every shared tensor the SFT stage
-    trains (embeddings, LM head) is scale x lr, and of every expert tensor lr."""
-    lr, scale = 1e-2, 0.1
+    """optim.shared_lr_scale (and its per-group override for the embeddings): Adam's first
+    step moves each trained element by the LR of its group (|m/sqrt(v)| = 1), so the
+    largest change of every shared tensor the SFT stage trains is its scale x lr (LM head:
+    shared_lr_scale, embeddings: their override), and of every expert tensor lr."""
+    lr, scale, embedding_scale = 1e-2, 0.1, 0.03
     before = state_of(tiny["bar2"])
     result = run_stage(tiny, tmp_path / "s", "sft", 1, extra=[
         "optim.schedule=constant", "optim.warmup_steps=0", "optim.weight_decay=0.0",
-        f"optim.shared_lr_scale={scale}"])
+        f"optim.shared_lr_scale={scale}",
+        f"optim.shared_lr_scale_by_group={{embedding: {embedding_scale}}}"])
     after = state_of(result.final_checkpoint)
     seen = set()
     for name, old in before.items():
@@ -166,7 +168,7 @@ def test_shared_lr_scale_slows_only_the_shared_parameters(tiny, tmp_path):
         if group in ("embedding", "lm_head"):
             old, new = old[:vocab(tiny)], new[:vocab(tiny)]
         step = float((new.double() - old.double()).abs().max())
-        want = lr * scale if group != "experts" else lr
+        want = lr * {"experts": 1.0, "lm_head": scale, "embedding": embedding_scale}[group]
         assert step == pytest.approx(want, rel=2e-2), (name, group, step, want)
         seen.add(group)
     assert seen == {"embedding", "lm_head", "experts"}

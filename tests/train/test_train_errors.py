@@ -193,9 +193,15 @@ GOOD_YAML = "model: {load: base}\ndata: {datasets: [{path: a.jsonl}]}\n"
         (GOOD_YAML, ["train.steps"], ["override 'train.steps'", "key=value"]),
         (GOOD_YAML, ["data.datasets=[{path: a"], ["override 'data.datasets=[{path: a'", "not valid YAML", "line 1"]),
         (GOOD_YAML + "train:\n  steps: [1,\n", [], ["config.yaml: not valid YAML", "line "]),
+        # a per-group LR scale of a group that is not shared, or not a number
+        (GOOD_YAML, ["optim.shared_lr_scale_by_group={embeddings: 0.1}"],
+         ["optim.shared_lr_scale_by_group: 'embeddings' is not a shared group", "embedding, lm_head"]),
+        (GOOD_YAML, ["optim.shared_lr_scale_by_group={embedding: fast}"],
+         ["optim.shared_lr_scale_by_group.embedding", "expected a number", "'fast'"]),
     ],
     ids=["yaml_key", "yaml_section", "yaml_dataset_key", "override_key", "override_section",
-         "wrong_type", "bogus_stage", "override_no_equals", "override_bad_yaml", "file_bad_yaml"],
+         "wrong_type", "bogus_stage", "override_no_equals", "override_bad_yaml", "file_bad_yaml",
+         "lr_scale_group", "lr_scale_value"],
 )
 def test_config_errors_name_the_key_in_one_line(tmp_path, yaml_text, overrides, names):
     path = _write(tmp_path / "config.yaml", yaml_text)
