@@ -267,8 +267,13 @@ def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers) -> None:
             off = (layer, ANCHOR) + (0,) * (len(shape) - 2)
             sz = (1, 1) + shape[2:]
             for _, (boff, bsz) in row_blocks(off, sz, itemsize):
-                a = r1.read(key, boff, bsz, out=buffers.get("anchor-a", bsz, dtype), hash=False)
-                b = r0.read(key, boff, bsz, out=buffers.get("anchor-b", bsz, dtype))
+                # on the file mappings where the box is one stored run (no copy), else read
+                a = r1.view(key, boff, bsz, hash=False)
+                if a is None:
+                    a = r1.read(key, boff, bsz, out=buffers.get("anchor-a", bsz, dtype), hash=False)
+                b = r0.view(key, boff, bsz)
+                if b is None:
+                    b = r0.read(key, boff, bsz, out=buffers.get("anchor-b", bsz, dtype))
                 if not _equal(a, b):
                     d = (a.float() - b.float()).abs().max().item()
                     if where is None or d > worst or math.isnan(d):
@@ -475,9 +480,10 @@ class _Composer:
     """Computes any box of any output tensor from the inputs, a block at a time.
 
     Memory: two output chunks (arenas used in turn, one being written while the next is
-    computed), one block per input
-    and two fp32 blocks - whatever the model size; the per-input blocks (4 MiB each) are
-    all that grows with the number of experts.
+    computed - or, first, computed ahead while the inputs are checked), one block per input
+    (a read-only mapping of its file where it is one stored run, else a buffer) and two
+    fp32 pieces for each of the two threads of the mean - whatever the model size; the
+    per-input blocks (4 MiB each) are all that grows with the number of experts.
     """
 
     def __init__(self, inputs: Sequence[_Input], out_dtypes: dict, dry_run: bool = False):
@@ -487,8 +493,97 @@ class _Composer:
         self.rules: dict[str, Callable] = {}
         self.stats: dict[str, _GroupStats] = {}
         self.tensor_status: dict[str, str] = {}
+        self.out_shapes: dict = {}
         self.buffers = Buffers()
         self._arena = 0
+        self._prefetch = None  # ((key, offsets, sizes), arena, future) of a chunk computed ahead
+        self._helper = None  # the second thread of the mean (see _mean)
+
+    def prefetch(self, key: str, offsets, sizes) -> None:
+        """Start computing output chunk ``(offsets, sizes)`` of ``key`` on a thread now, into
+        the arena the next :meth:`fill` takes: the largest computed chunk is computed while
+        the inputs are checked and the save is planned. Nothing is written; :meth:`fill`
+        of that chunk returns it (any other fill first waits for it and drops it, and its
+        statistics with it)."""
+        import threading
+        from concurrent.futures import Future
+
+        ident = (key, tuple(offsets), tuple(sizes))
+        arena = self._arena ^ 1
+        fut: Future = Future()
+
+        def job():
+            stats, status = self.stats, self.tensor_status
+            self.stats, self.tensor_status = {}, {}  # the chunk's own, merged when it is used
+            try:
+                out = self.buffers.exact(("out", arena), ident[2], self.out_dtypes[key])
+                wait_for_hashes(out)
+                self._produce(key, ident[1], ident[2], out)
+                fut.set_result((out, self.stats, self.tensor_status))
+            except BaseException as e:
+                fut.set_exception(e)
+            finally:
+                self.stats, self.tensor_status = stats, status
+
+        self._prefetch = (ident, arena, fut)
+        threading.Thread(target=job, name="merge-prefetch", daemon=True).start()
+
+    def drop_prefetch(self) -> None:
+        """Wait for a chunk being computed ahead, and drop it (errors included)."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is not None:
+            pre[2].exception()
+
+    def close(self) -> None:
+        """Drop a chunk computed ahead and stop the helper thread."""
+        self.drop_prefetch()
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
+
+    def _take_prefetch(self, ident):
+        pre, self._prefetch = self._prefetch, None
+        if pre is None:
+            return None
+        got, arena, fut = pre
+        out, stats, status = fut.result()
+        if got != ident:
+            return None
+        self._arena = arena
+        for group, s in stats.items():
+            st = self.stats.setdefault(group, _GroupStats())
+            st.tensors |= s.tensors
+            st.params += s.params
+            st.averaged_params += s.averaged_params
+            for name in s.sq_dist:
+                st.sq_dist[name] = st.sq_dist.get(name, 0.0) + s.sq_dist[name]
+                st.sq_norm[name] = st.sq_norm.get(name, 0.0) + s.sq_norm[name]
+                st.max_abs[name] = max(st.max_abs.get(name, 0.0), s.max_abs[name])
+        for k, v in status.items():
+            if v == "averaged":
+                self.tensor_status[k] = v
+            else:
+                self.tensor_status.setdefault(k, v)
+        return out
+
+    def prefetch_candidate(self) -> tuple | None:
+        """The largest output chunk that is computed (not a stored copy) and that megatron
+        saves whole - as the first input stores it: ``(key, offsets, sizes)``, or None."""
+        best, best_bytes = None, 0
+        reader = self.inputs[0].reader
+        for key, (shape, dtype) in self.out_shapes.items():
+            if ".mlp.experts." in key or key not in reader.tensors:
+                continue
+            chunks = reader.stored_chunks(key)
+            if len(chunks) != 1 or chunks[0] != ((0,) * len(chunks[0][1]), reader.shape(key)):
+                continue
+            box = ((0,) * len(shape), tuple(shape))
+            if len(shape) != len(reader.shape(key)) or self.stored(key, *box) is not None:
+                continue
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if nbytes > best_bytes:
+                best, best_bytes = (key, *box), nbytes
+        return best
 
     # rules: key -> split(offsets, sizes) -> [(offsets, sizes, kind, payload)], kind one of
     # "copy" (payload _Ref), "mean" (payload (values [(ref, weight)], reported [(name, ref)])),
@@ -502,6 +597,10 @@ class _Composer:
         blob = self.stored(key, offsets, sizes)
         if blob is not None:
             return blob
+        if self._prefetch is not None:
+            out = self._take_prefetch((key, tuple(offsets), tuple(sizes)))
+            if out is not None:
+                return out
         # two arenas in turn: the writer may still be writing the previous chunk
         self._arena ^= 1
         out = self.buffers.exact(("out", self._arena), tuple(sizes), self.out_dtypes[key])
@@ -567,8 +666,14 @@ class _Composer:
             refs[id(ref)] = ref
         xs = {}
         for j, (rid, ref) in enumerate(refs.items()):
-            buf = self.buffers.get(("in", j), dst.shape, self.inputs[ref.inp].reader.dtype(key))
-            xs[rid] = self._read(ref, key, off, sz, buf)
+            # the inputs' bytes on their file mappings (read-only: never written to), or
+            # read into a buffer where the box is not one stored run
+            src_off, src_sz = ref.box(off, sz)
+            x = self.inputs[ref.inp].reader.view(key, src_off, src_sz)
+            if x is None:
+                buf = self.buffers.get(("in", j), dst.shape, self.inputs[ref.inp].reader.dtype(key))
+                x = self._read(ref, key, off, sz, buf)
+            xs[rid] = x.view(dst.shape)
         first = xs[id(values[0][0])]
         same = [len(values) == 1 or _equal(first, xs[id(r)]) for r, _ in values[1:]]
         if all(same):
@@ -585,48 +690,79 @@ class _Composer:
         step = _PIECE if flat else n
         value_ids = {id(r) for r, _ in values}
         total = sum(w for _, w in values)
-        acc_buf = self.buffers.get(("f32", 0), (min(step, n),), torch.float32)
-        tmp_buf = self.buffers.get(("f32", 1), (min(step, n),), torch.float32)
-        for p0 in range(0, n, step):
-            p1 = min(n, p0 + step)
-            if flat:
-                part = {rid: x.view(-1)[p0:p1] for rid, x in xs.items()}
-                d = dst.view(-1)[p0:p1]
-                acc, tmp = acc_buf[: p1 - p0], tmp_buf[: p1 - p0]
-            else:
-                part, d = xs, dst
-                acc, tmp = acc_buf.view(dst.shape), tmp_buf.view(dst.shape)
-            if all(same):
-                acc.copy_(part[id(values[0][0])])
-            else:
-                # fp32, rounded once; the same operations as x.float() * w summed in order
-                for i, (ref, w) in enumerate(values):
-                    if i == 0:
-                        acc.copy_(part[id(ref)])
-                        acc.mul_(w / total)
-                    else:
-                        tmp.copy_(part[id(ref)])
-                        tmp.mul_(w / total)
-                        acc.add_(tmp)
-                d.copy_(acc)
-            if not reported:
-                continue
-            sq_m = float(torch.linalg.vector_norm(acc)) ** 2
-            for name, ref in reported:
-                x = part[id(ref)]
-                if all(same) and id(ref) in value_ids:
-                    d2 = dmax = 0.0
+        uniform = all(same)
+        m = min(step, n)
+
+        def work(pieces, worker):
+            """The mean and the distances of ``pieces``; returns their statistics in order."""
+            # two fp32 pieces per worker, whatever K (memory must not grow with K)
+            acc_buf = self.buffers.get(("f32", worker, 0), (m,), torch.float32)
+            tmp_buf = self.buffers.get(("f32", worker, 1), (m,), torch.float32)
+            got = []
+            for p0, p1 in pieces:
+                if flat:
+                    part = {rid: x.view(-1)[p0:p1] for rid, x in xs.items()}
+                    d = dst.view(-1)[p0:p1]
+                    acc, tmp = acc_buf[: p1 - p0], tmp_buf[: p1 - p0]
                 else:
+                    part, d = xs, dst
+                    acc, tmp = acc_buf.view(dst.shape), tmp_buf.view(dst.shape)
+                if uniform:
+                    acc.copy_(part[id(values[0][0])])
+                else:
+                    # fp32, rounded once; the same operations as x.float() * w summed in order
+                    for i, (ref, w) in enumerate(values):
+                        if i == 0:
+                            acc.copy_(part[id(ref)])
+                            acc.mul_(w / total)
+                        else:
+                            tmp.copy_(part[id(ref)])
+                            tmp.mul_(w / total)
+                            acc.add_(tmp)
+                    d.copy_(acc)
+                if not reported:
+                    continue
+                sq_m = float(torch.linalg.vector_norm(acc)) ** 2
+                dists = []
+                for name, ref in reported:
+                    if uniform and id(ref) in value_ids:
+                        dists.append((name, 0.0, 0.0))
+                        continue
                     # x to fp32 (exact), then a same-dtype subtraction: a mixed bf16 - fp32
                     # op takes torch's slow casting path; the result is the same
-                    tmp.copy_(x)
+                    tmp.copy_(part[id(ref)])
                     tmp.sub_(acc)
                     d2 = float(torch.linalg.vector_norm(tmp)) ** 2
                     lo, hi = torch.aminmax(tmp)
-                    dmax = max(-float(lo), float(hi))
+                    dists.append((name, d2, max(-float(lo), float(hi))))
+                got.append((sq_m, dists))
+            return got
+
+        pieces = [(p0, min(n, p0 + step)) for p0 in range(0, n, step)]
+        if len(pieces) > 1:
+            # two threads (this one and a helper) on alternate pieces: the arithmetic is
+            # what the merge waits for; the statistics are summed in piece order below
+            helper = self._helper_pool().submit(work, pieces[1::2], 1)
+            try:
+                mine = work(pieces[0::2], 0)
+            finally:
+                theirs = helper.result()
+            results = [None] * len(pieces)
+            results[0::2], results[1::2] = mine, theirs
+        else:
+            results = work(pieces, 0)
+        for sq_m, dists in results if reported else ():
+            for name, d2, dmax in dists:
                 st.sq_dist[name] = st.sq_dist.get(name, 0.0) + d2
                 st.sq_norm[name] = st.sq_norm.get(name, 0.0) + sq_m
                 st.max_abs[name] = max(st.max_abs.get(name, 0.0), dmax)
+
+    def _helper_pool(self):
+        if self._helper is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="merge-mean")
+        return self._helper
 
 
 def _split_axis(axis: int, per_index: Callable):
@@ -782,6 +918,7 @@ def _run(
     vocab: _VocabPlan,
     dtype: torch.dtype,
     print_fn: Callable,
+    checks: Callable = lambda: None,
 ) -> MergeResult:
     write_tokenizer, tok_info = _merge_tokenizers(tokenizer_inputs, vocab)
     shapes = expected_tensors(out_cfg, dtype)
@@ -790,39 +927,49 @@ def _run(
         raise MergeError(f"do not know how to make output tensor {missing[0]!r}")
     composer.rules = rules
     composer.out_dtypes = {k: dt for k, (_, dt) in shapes.items()}
-    ignored = [f"{inp.name}: {inp.ignored}" for inp in inputs if inp.ignored]
-    if ignored:
-        plan_lines.append(f"  ignored (not model weights, e.g. optimizer state): {', '.join(ignored)} tensors")
-    plan_lines.append(f"  output: {len(shapes)} tensors, {_tensor_bytes(shapes) / 2**20:.1f} MiB")
-    for line in plan_lines:
-        print_fn(line)
+    composer.out_shapes = shapes
+    # The largest computed chunk (the embedding's mean) is computed while the anchor is
+    # checked and the save is planned - in memory: nothing is written before the checks pass.
+    first = None if dry_run else composer.prefetch_candidate()
+    if first is not None:
+        composer.prefetch(*first)
+    try:
+        checks()
+        ignored = [f"{inp.name}: {inp.ignored}" for inp in inputs if inp.ignored]
+        if ignored:
+            plan_lines.append(f"  ignored (not model weights, e.g. optimizer state): {', '.join(ignored)} tensors")
+        plan_lines.append(f"  output: {len(shapes)} tensors, {_tensor_bytes(shapes) / 2**20:.1f} MiB")
+        for line in plan_lines:
+            print_fn(line)
 
-    written = None
-    if dry_run:
-        for key, (shape, _) in shapes.items():
-            if ".mlp.experts." in key:
-                continue
-            if key.endswith("router.weight"):
-                for layer in range(shape[0]):
-                    composer.survey(key, (layer, 0, 0), (1, 1, shape[2]))
-                continue
-            composer.survey(key, (0,) * len(shape), shape)
-    else:
-        with atomic_output_dir(save_dir) as tmp:
-            write_checkpoint(out_cfg, dtype, tmp, composer.fill, composer.stored)
-            write_tokenizer(tmp / TOKENIZER_SUBDIR)
-            for entry in manifest["experts"]:
-                inp = entry.pop("_input", None)
-                if inp is not None:
-                    entry["content_hash"] = inp.content_hash()
-            base = manifest.get("base")
-            if base and "_input" in base:
-                base["content_hash"] = base.pop("_input").content_hash()
-            manifest["tokenizer"] = tok_info
-            manifest["divergence"] = {g: s.as_dict() for g, s in composer.stats.items()}
-            manifest["tensors"] = dict(sorted(composer.tensor_status.items()))
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        written = Path(save_dir)
+        written = None
+        if dry_run:
+            for key, (shape, _) in shapes.items():
+                if ".mlp.experts." in key:
+                    continue
+                if key.endswith("router.weight"):
+                    for layer in range(shape[0]):
+                        composer.survey(key, (layer, 0, 0), (1, 1, shape[2]))
+                    continue
+                composer.survey(key, (0,) * len(shape), shape)
+        else:
+            with atomic_output_dir(save_dir) as tmp:
+                write_checkpoint(out_cfg, dtype, tmp, composer.fill, composer.stored, first=first)
+                write_tokenizer(tmp / TOKENIZER_SUBDIR)
+                for entry in manifest["experts"]:
+                    inp = entry.pop("_input", None)
+                    if inp is not None:
+                        entry["content_hash"] = inp.content_hash()
+                base = manifest.get("base")
+                if base and "_input" in base:
+                    base["content_hash"] = base.pop("_input").content_hash()
+                manifest["tokenizer"] = tok_info
+                manifest["divergence"] = {g: s.as_dict() for g, s in composer.stats.items()}
+                manifest["tensors"] = dict(sorted(composer.tensor_status.items()))
+                (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            written = Path(save_dir)
+    finally:
+        composer.close()  # (on an error: a chunk computed ahead is dropped)
     for entry in manifest["experts"]:
         entry.pop("_input", None)
     if manifest.get("base"):
@@ -922,8 +1069,10 @@ def _merge_experts(
         _check_same_dtypes(ref, inputs[1:])
         vocab = _plan_vocabulary(inputs, ref.cfg.vocab_pad_multiple)
         buffers = Buffers()
-        for inp in inputs[1:]:
-            _check_anchor(ref, inp, buffers)
+
+        def checks():  # in _run, while the first computed chunk is computed
+            for inp in inputs[1:]:
+                _check_anchor(ref, inp, buffers)
 
         w = [1.0] * len(inputs) if weights is None else [weights[inp.name] for inp in inputs]
         total = sum(w)
@@ -1007,7 +1156,7 @@ def _merge_experts(
             inputs=inputs, out_cfg=out_cfg, rules=rules, composer=composer,
             save_dir=None if dry_run else save_dir, dry_run=dry_run, plan_lines=plan,
             report_names=names, manifest=manifest, tokenizer_inputs=inputs, vocab=vocab,
-            dtype=dtype, print_fn=print_fn,
+            dtype=dtype, print_fn=print_fn, checks=checks,
         )
     finally:
         for inp in inputs:
@@ -1078,8 +1227,10 @@ def _upgrade(
         _check_same_dtypes(base, news)
         vocab = _plan_vocabulary(inputs, base.cfg.vocab_pad_multiple, keep_rows_of=0)
         buffers = Buffers()
-        for inp in news:
-            _check_anchor(base, inp, buffers)
+
+        def checks():  # in _run, while the first computed chunk is computed
+            for inp in news:
+                _check_anchor(base, inp, buffers)
 
         replaced = {n: i + 1 for i, (n, _) in enumerate(replace)}  # name -> index in inputs
         order = list(names) + [n for n, _ in add]
@@ -1168,7 +1319,7 @@ def _upgrade(
             inputs=inputs, out_cfg=out_cfg, rules=rules, composer=composer,
             save_dir=None if dry_run else save_dir, dry_run=dry_run, plan_lines=plan,
             report_names=[BASE_NAME] + [inp.name for inp in news], manifest=manifest,
-            tokenizer_inputs=inputs, vocab=vocab, dtype=dtype, print_fn=print_fn,
+            tokenizer_inputs=inputs, vocab=vocab, dtype=dtype, print_fn=print_fn, checks=checks,
         )
     finally:
         for inp in inputs:

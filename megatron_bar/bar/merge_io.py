@@ -4,7 +4,9 @@ Reading (:class:`CheckpointReader`): any box of a stored tensor, in global coord
 read straight from the ``.distcp`` files. A torch_dist checkpoint stores each chunk as a
 ``torch.save`` archive (an uncompressed zip); the reader finds where the chunk's raw bytes
 start (torch's own zip reader) and ``pread``s only the rows asked for, so a caller can walk
-a 1 GB embedding in 4 MB blocks. Chunks stored in an unusual way (a view with strides, a
+a 1 GB embedding in 4 MB blocks - or, with :meth:`CheckpointReader.view`, maps those rows
+read-only (``mmap``: no copy; the merge reads its inputs this way, a bounded number of
+mappings alive at once). Chunks stored in an unusual way (a view with strides, a
 storage transform) fall back to ``torch.load`` of that one chunk. The reader also hashes
 every chunk's bytes as they go by (BLAKE3, on a background thread), for a content hash of
 the checkpoint's tensors that does not depend on how they are laid out in files.
@@ -22,12 +24,15 @@ compute them; reused buffers (:class:`Buffers`) keep it flat.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import math
+import mmap
 import os
 import pickle
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -54,6 +59,10 @@ from megatron_bar.model.config import ModelConfig
 
 # A block read or computed at once; what a merge holds per input is about this much.
 BLOCK_BYTES = 4 << 20
+# Mapped input bytes whose hashing may be pending at once (see HashQueue.submit_mapped):
+# what a view keeps resident beyond its use is bounded by this, whatever the model or K.
+MAPPED_BACKLOG_BYTES = 16 << 20
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) in global coordinates
 
@@ -136,6 +145,22 @@ def _contiguous_runs(chunk_sz, off, sz) -> Iterator[tuple[int, int, tuple]]:
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+_FROMBUFFER_WARNED = False
+
+
+def _frombuffer(buf, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+    """``torch.frombuffer`` of a read-only buffer (a mapping), without torch's one-time
+    warning that the tensor would be writable: the caller does not write to it."""
+    global _FROMBUFFER_WARNED
+    if not _FROMBUFFER_WARNED:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+        _FROMBUFFER_WARNED = True
+        return t
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
 
 
 class Buffers:
@@ -298,6 +323,7 @@ class HashQueue:
 
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="merge-hash")
         self._pending: list[tuple[int, int, object]] = []  # (first byte, end, future)
+        self._mapped: collections.deque = collections.deque()  # (future, bytes) of mapped jobs
         # the writer thread (copied chunks) and the compute thread (reads) both submit
         self._lock = threading.Lock()
 
@@ -305,6 +331,25 @@ class HashQueue:
         with self._lock:
             self._pending = [p for p in self._pending if not p[2].done()]
             self._pending.append((lo, hi, self._pool.submit(fn)))
+
+    def submit_mapped(self, fn, nbytes: int) -> None:
+        """A job hashing ``nbytes`` of a file mapping that it keeps alive (and resident)
+        until done. Waits while more than :data:`MAPPED_BACKLOG_BYTES` of such jobs are
+        pending, so that the mapped pages waiting for the hash stay bounded."""
+        with self._lock:
+            self._pending = [p for p in self._pending if not p[2].done()]
+            fut = self._pool.submit(fn)
+            self._pending.append((0, 0, fut))
+            self._mapped.append((fut, nbytes))
+            while self._mapped and self._mapped[0][0].done():
+                self._mapped.popleft()
+            held = sum(n for _, n in self._mapped)
+            oldest = list(self._mapped)
+        for f, n in oldest:
+            if held <= MAPPED_BACKLOG_BYTES:
+                break
+            f.result()
+            held -= n
 
     def wait_overlapping(self, lo: int, hi: int) -> None:
         with self._lock:
@@ -381,10 +426,12 @@ class CheckpointReader:
                 ))
             self._chunks[key] = chunks
         self._fds: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
         self._fd_lock = threading.Lock()
         self._hashers: dict[tuple, _ChunkHasher] = {}
         self._loaded: tuple | None = None  # (chunk id, tensor) of the last torch.load fallback
         self.bytes_read = 0
+        _frombuffer(b"\0", torch.uint8, 1, 0)  # torch's one-time warning, silenced here on this thread
 
     # -- metadata
 
@@ -405,8 +452,23 @@ class CheckpointReader:
     def _fd(self, name: str) -> int:
         with self._fd_lock:  # the writer thread copies stored chunks while reads go on
             if name not in self._fds:
-                self._fds[name] = os.open(self.dir / name, os.O_RDONLY)
+                fd = self._fds[name] = os.open(self.dir / name, os.O_RDONLY)
+                self._sizes[name] = os.fstat(fd).st_size
             return self._fds[name]
+
+    def _map(self, c: "_Chunk", start: int, nbytes: int) -> tuple[mmap.mmap, int]:
+        """A read-only mapping of bytes ``start .. start + nbytes`` of chunk ``c``'s file
+        (absolute offsets), pages populated; returns it and where ``start`` is in it.
+
+        Mapping page-cache pages costs a fraction of copying them (``pread``): the merge's
+        inputs are read through mappings. A mapping is unmapped when the last reference to
+        it (a tensor, a pending hash) goes."""
+        fd = self._fd(c.file)
+        if start + nbytes > self._sizes[c.file]:
+            raise CheckpointMismatch(f"{self.dir / c.file}: unexpected end of file reading {c.key!r}")
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(fd, start + nbytes - base, mmap.MAP_SHARED | _MAP_POPULATE, mmap.PROT_READ, offset=base)
+        return m, start - base
 
     def _resolve(self, c: _Chunk) -> None:
         """Find where the chunk's raw bytes are (or decide on torch.load)."""
@@ -485,6 +547,44 @@ class CheckpointReader:
             self._loaded = (ident, t)
         return self._loaded[1]
 
+    def view(self, key: str, offsets: Sequence[int], sizes: Sequence[int], hash: bool = True) -> torch.Tensor | None:
+        """The box ``(offsets, sizes)`` of ``key`` as a tensor on a read-only mapping of the
+        file (no copy) - when it is one contiguous run of one plain stored chunk; else None
+        (use :meth:`read`). The tensor must not be written to. ``hash`` as in :meth:`read`."""
+        offsets, sizes = tuple(offsets), tuple(sizes)
+        shape = self.shape(key)
+        if len(offsets) != len(shape) or any(o < 0 or o + s > g for o, s, g in zip(offsets, sizes, shape)):
+            raise CheckpointMismatch(f"{self.dir}: box {offsets}+{sizes} is outside {key!r} {list(shape)}")
+        dtype = self.dtype(key)
+        for c in self._chunks[key]:
+            inter = _intersect(c.offsets, c.sizes, offsets, sizes)
+            if inter is None:
+                continue
+            if inter != (offsets, sizes):
+                return None  # the box spans chunks
+            self._resolve(c)
+            if c.data_offset is None:
+                return None
+            in_chunk = tuple(o - co for o, co in zip(offsets, c.offsets))
+            runs = _contiguous_runs(c.sizes, in_chunk, sizes)
+            first, count, _ = next(runs)
+            if next(runs, None) is not None:
+                return None
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            nbytes = count * itemsize
+            if nbytes == 0:
+                return torch.empty(sizes, dtype=dtype)
+            start = c.data_offset + first * itemsize
+            m, delta = self._map(c, start, nbytes)
+            t = _frombuffer(m, dtype, count, delta).view(sizes)
+            self.bytes_read += nbytes
+            if hash:
+                hasher, rel = self._hasher(c), first * itemsize
+                data = memoryview(m)[delta:delta + nbytes]
+                hash_queue().submit_mapped(lambda: hasher.update(rel, data), nbytes)
+            return t
+        return None
+
     def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int], out: torch.Tensor | None = None,
              hash: bool = True) -> torch.Tensor:
         """The box ``(offsets, sizes)`` of tensor ``key`` (global coordinates).
@@ -556,20 +656,21 @@ class CheckpointReader:
         if h is not None and (h.gap or h.pos > 0):
             return  # being hashed by reads, or done; content_hash() completes the rest
         h = self._hashers[ident] = _ChunkHasher()
-        fd, start = self._fd(c.file), c.data_offset
+        start = c.data_offset
 
         def job():
-            buf = bytearray(min(nbytes, BLOCK_BYTES * 4))
-            view = memoryview(buf)
             pos = 0
             while pos < nbytes:
-                n = min(len(buf), nbytes - pos)
-                got = os.preadv(fd, [view[:n]], start + pos)
-                if got <= 0:
+                n = min(BLOCK_BYTES * 4, nbytes - pos)
+                try:
+                    m, delta = self._map(c, start + pos, n)
+                except (OSError, ValueError, CheckpointMismatch):
                     h.gap = True  # content_hash() reads it again and reports the error
                     return
-                h.update(pos, view[:got])
-                pos += got
+                data = memoryview(m)[delta:delta + n]
+                h.update(pos, data)
+                del data, m  # unmapped here
+                pos += n
 
         file_hash_queue().submit(job, 0, 0)
         self.bytes_read += nbytes
@@ -732,10 +833,11 @@ class _LazyPlanner(MCoreSavePlanner):
     return for that chunk, or None - asked without computing anything, so that the writer
     can copy stored chunks while computed ones are being computed."""
 
-    def __init__(self, fill, stored=None, **kwargs):
+    def __init__(self, fill, stored=None, first=None, **kwargs):
         super().__init__(**kwargs)
         self._fill = fill
         self._stored = stored
+        self.first = first  # (key, offsets, sizes) of the computed chunk to write first, or None
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
@@ -818,6 +920,17 @@ class _SerialWriter(FileSystemWriter):
                 if tensors:
                     turns.append(tensors.pop())
             computed = [i for i in computed if i.type == WriteItemType.BYTE_IO] + turns
+        first = getattr(planner, "first", None)
+        if first is not None:
+            # the chunk being computed ahead (see write_checkpoint) goes first, in the place
+            # of the first tensor (the largest: it takes that one's arena)
+            key, offsets, sizes = first
+            at = [j for j, i in enumerate(computed) if i.type != WriteItemType.BYTE_IO]
+            hit = [j for j in at if computed[j].index.fqn == key
+                   and tuple(computed[j].tensor_data.chunk.offsets) == tuple(offsets)
+                   and tuple(computed[j].tensor_data.chunk.sizes) == tuple(sizes)]
+            if hit:
+                computed[at[0]], computed[hit[0]] = computed[hit[0]], computed[at[0]]
         results = []
         # Computed item i+1 is computed on a thread while item i is written: the arithmetic
         # and the reads overlap the writes (both release the GIL). The producer keeps two
@@ -867,10 +980,11 @@ class _SerialWriter(FileSystemWriter):
 class _LazySaveStrategy(SaveShardedStrategy):
     """torch_dist format (what megatron's default strategy writes), computed lazily."""
 
-    def __init__(self, fill: Callable, stored: Callable | None = None):
+    def __init__(self, fill: Callable, stored: Callable | None = None, first: tuple | None = None):
         super().__init__("torch_dist", 1)
         self.fill = fill
         self.stored = stored
+        self.first = first
 
     @property
     def can_handle_sharded_objects(self):
@@ -882,12 +996,13 @@ class _LazySaveStrategy(SaveShardedStrategy):
         dcp_save(
             pyt_state_dict,
             storage_writer=_SerialWriter(str(checkpoint_dir), thread_count=1),
-            planner=_LazyPlanner(self.fill, self.stored, dedup_replicated_tensors=False, flatten_state_dict=False),
+            planner=_LazyPlanner(self.fill, self.stored, self.first, dedup_replicated_tensors=False,
+                                 flatten_state_dict=False),
         )
 
 
 def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable,
-                     stored: Callable | None = None) -> None:
+                     stored: Callable | None = None, first: tuple | None = None) -> None:
     """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``.
 
     ``fill(key, offsets, sizes)`` returns each stored chunk (a tensor of ``sizes``, in the
@@ -896,7 +1011,9 @@ def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill
     ``stored(key, offsets, sizes)`` (optional) tells, without computing, the chunks that
     ``fill`` would return as a :class:`StoredBlob` (that blob; else None): those are
     copied while ``fill`` computes the others, and ``fill`` is not asked for them.
+    ``first`` (optional): ``(key, offsets, sizes)`` of a computed chunk that ``fill`` is
+    already computing ahead; it is asked for first among the tensors.
     """
     sharded = meta_model(cfg, dtype).sharded_state_dict()
-    dist_checkpointing.save(sharded, str(directory), sharded_strategy=_LazySaveStrategy(fill, stored))
+    dist_checkpointing.save(sharded, str(directory), sharded_strategy=_LazySaveStrategy(fill, stored, first))
     cfg.save(directory)

@@ -507,6 +507,26 @@ def test_reader_reads_any_box_and_hashes_content_not_layout(experts, tmp_path):
         assert r.content_hash() != digest
 
 
+def test_reader_views_map_stored_runs_and_hash_them(experts):
+    key = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    with CheckpointReader(experts["math"]) as r:
+        digest = r.content_hash()
+    with CheckpointReader(experts["math"]) as r:
+        whole = r.read(key, (0, 0, 0, 0), r.shape(key), hash=False)
+        rows = r.shape(key)[2] // 2  # fc1 is stored in two halves
+        # one contiguous run of one stored chunk: a view of the file, the same values
+        v = r.view(key, (1, 0, 3, 0), (1, 1, 5, r.shape(key)[3]))
+        assert v is not None and torch.equal(v, whole[1:2, 0:1, 3:8])
+        # across the two halves, or not contiguous: no view (read() does those)
+        assert r.view(key, (1, 0, rows - 2, 0), (1, 1, 4, r.shape(key)[3])) is None
+        assert r.view(key, (1, 0, 3, 1), (1, 1, 5, 3)) is None
+        # views hash what they map: reading every tensor through views gives the same digest
+        for k in r.keys():
+            for off, sz in r.stored_chunks(k):
+                assert r.view(k, off, sz) is not None
+        assert r.content_hash() == digest
+
+
 # -- other layouts ------------------------------------------------------------------------
 
 
