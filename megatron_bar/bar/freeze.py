@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_bar import platform
+
 ANCHOR_EXPERT = 0
 EXPERT_STAGES = ("midtrain", "sft", "rlvr")  # BAR stage 1: the anchor is frozen
 SHARED_GROUPS = ("embedding", "lm_head", "attention", "norms")  # averaged by the merge
@@ -110,8 +112,9 @@ def freeze_counts(model, groups: dict[str, str]) -> dict[str, dict[str, int]]:
     # size on one TP rank, sum stages over PP, sum distinct experts over EP.
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     etp_rank = parallel_state.get_expert_tensor_parallel_rank()
-    dense = torch.zeros(len(GROUPS), 2, dtype=torch.float64)
-    expert = torch.zeros(len(GROUPS), 2, dtype=torch.float64)
+    # on the collective backend's device (NCCL reduces GPU tensors only)
+    dense = torch.zeros(len(GROUPS), 2, dtype=torch.float64, device=platform.device())
+    expert = torch.zeros(len(GROUPS), 2, dtype=torch.float64, device=platform.device())
     for name, param in model.named_parameters():
         group = groups[name]
         is_expert = group in ("experts", "anchor_expert")
@@ -127,7 +130,7 @@ def freeze_counts(model, groups: dict[str, str]) -> dict[str, dict[str, int]]:
         dist.all_reduce(dense, group=parallel_state.get_pipeline_model_parallel_group())
         dist.all_reduce(expert, group=parallel_state.get_pipeline_model_parallel_group())
         dist.all_reduce(expert, group=parallel_state.get_expert_model_parallel_group())
-    total = dense + expert
+    total = (dense + expert).cpu()
     return {
         g: {"trainable": int(total[i, 0]), "frozen": int(total[i, 1])}
         for i, g in enumerate(GROUPS)

@@ -39,6 +39,12 @@ def _kind(model) -> str:
     return "plain"
 
 
+def _device_of(model) -> torch.device:
+    """Where the model's weights are (prompts are built on CPU and moved there)."""
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
+
+
 def _forward(model, kind: str, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Logits of the last position, [b, V]. ``real``: [b, s] bool, False on left padding."""
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
@@ -48,11 +54,11 @@ def _forward(model, kind: str, ids: torch.Tensor, real: torch.Tensor) -> torch.T
         out = model(input_ids=ids, attention_mask=real.long(), position_ids=positions)
         return out.logits[:, -1]
     s = ids.size(1)
-    causal = torch.ones(s, s, dtype=torch.bool).triu(1)  # True above the diagonal: the future
+    causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).triu(1)  # True above the diagonal: the future
     # A real query never sees a pad key; a pad query sees only itself (a row with every
     # key masked would give NaN, and NaN * 0 in the next matmul is still NaN).
     pad_key = ~real[:, None, None, :]
-    own = torch.eye(s, dtype=torch.bool)[None, None]
+    own = torch.eye(s, dtype=torch.bool, device=ids.device)[None, None]
     mask = causal[None, None] | (pad_key & ~own)
     return model(ids, attention_mask=mask, position_ids=positions)[:, -1]
 
@@ -70,6 +76,7 @@ def greedy_generate(
     """Greedy completions (without the prompt, cut after the first ``eos_id``, which is
     not included), in the order of ``prompts``."""
     kind = _kind(model)
+    on = _device_of(model)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     if kind == "plain":  # batches of equal length only
         groups = defaultdict(list)
@@ -91,6 +98,7 @@ def greedy_generate(
         # costing compute while long ones go on.
         gen = torch.full((len(batch), max_new_tokens), eos_id, dtype=torch.long)
         active = torch.arange(len(batch))
+        ids, real = ids.to(on), real.to(on)
         for t in range(max_new_tokens):
             logits = _forward(model, kind, ids, real).float()
             nxt = logits.argmax(-1).cpu()
@@ -99,8 +107,9 @@ def greedy_generate(
             if not bool(going.any()):
                 break
             active = active[going]
-            ids = torch.cat([ids[going], nxt[going, None]], dim=1)
-            real = torch.cat([real[going], torch.ones(len(active), 1, dtype=torch.bool)], dim=1)
+            keep = going.to(on)
+            ids = torch.cat([ids[keep], nxt[going, None].to(on)], dim=1)
+            real = torch.cat([real[keep], torch.ones(len(active), 1, dtype=torch.bool, device=on)], dim=1)
         gen = gen.tolist()
         for row, i in enumerate(batch):
             tokens = gen[row]

@@ -160,6 +160,12 @@ def initialize(layout: ParallelLayout | None = None, seed: int = 1234, timeout_s
         from megatron_bar.platform.cpu import apply_cpu_patches
 
         apply_cpu_patches()
+    elif not has_transformer_engine():
+        # megatron-core 0.16's router GEMM names te_general_gemm, unbound without Transformer
+        # Engine on any device (seen on an H200 without TE: NameError in the first forward)
+        from megatron_bar.platform.cpu import patch_router_gemm
+
+        patch_router_gemm()
     if not dist.is_initialized():
         _init_process_group(timeout_s)
 

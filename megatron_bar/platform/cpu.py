@@ -277,9 +277,10 @@ def _patch_rng_tracker():
     logging.getLogger(mcore_random.__name__).addFilter(_DropExpectedWarning())
 
 
-def _patch_router_gemm():
+def patch_router_gemm():
     """The fp32 router GEMM calls ``te_general_gemm`` when Transformer Engine is installed;
-    without it the name is unbound in 0.16 and the torch matmul path must be chosen."""
+    without it the name is unbound in 0.16 and the torch matmul path must be chosen. Also
+    applied on a GPU without Transformer Engine (:func:`megatron_bar.platform.initialize`)."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -336,7 +337,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         "router-gemm",
         "moe_utils.te_general_gemm is unbound without Transformer Engine",
-        _patch_router_gemm,
+        patch_router_gemm,
     ),
     Patch(
         "schedules",

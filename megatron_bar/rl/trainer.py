@@ -433,7 +433,7 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
         _, grad_norm, _ = optimizer.step()
         router_rows.restore()
         totals = torch.tensor([sum(x.item() for x in out.losses), sum(x.item() for x in out.tokens)],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=platform.device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         losses.append((totals[0] / totals[1].clamp(min=1)).item())
         grad_norms.append(float(grad_norm or 0.0))

@@ -70,8 +70,14 @@ def _sharded_state(model, optimizer, rng: dict | None = None, world: int | None 
     # anchor expert has no optimizer state, and megatron's stacked [layers, experts, ...]
     # keys cannot describe a stack with a hole in it.
     per_tensor = model.sharded_state_dict(metadata={"singleton_local_shards": True})
+    # The distributed optimizer (the GPU default) takes its format from the metadata; its
+    # default in megatron-core 0.16 ('fully_sharded_model_space') writes flattened ranges
+    # that 0.16's own dist checkpointing rejects (seen on an H200). 'fully_reshardable'
+    # also reloads at another DP / TP. Optimizers that are not distributed ignore it.
+    optim_metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     state = {"model": model.sharded_state_dict(),
-             "optimizer": optimizer.sharded_state_dict(per_tensor, is_loading=is_loading)}
+             "optimizer": optimizer.sharded_state_dict(per_tensor, is_loading=is_loading,
+                                                       metadata=optim_metadata)}
     rank, world = dist.get_rank(), world or dist.get_world_size()
     state["rng"] = ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
     return state
