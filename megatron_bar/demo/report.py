@@ -21,10 +21,9 @@ COLUMNS = [*D.DOMAINS, "general", "overall"]
 
 # -- loading the rows -------------------------------------------------------------------
 
-def load_row_model(spec: dict, ckpt=None):
+def load_row_model(spec: dict):
     """``(model, tokenizer)`` of a row spec: ``{"path": dir, "topk": k}``, ``{"average":
-    [dir, ...]}`` (dense weight merging) or ``{"hf": dir}``; with ``ckpt`` (job -> dir),
-    ``"load"`` and the averaged entries may name the pipeline's jobs instead."""
+    [dir, ...]}`` (dense weight merging) or ``{"hf": dir}`` (see pipeline._resolve_row)."""
     import megatron_bar
     from megatron_bar.data.tokenizer import load_tokenizer
 
@@ -34,7 +33,7 @@ def load_row_model(spec: dict, ckpt=None):
         path = Path(spec["hf"])
         return AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
     if "average" in spec:
-        paths = [Path(ckpt(j)) if ckpt else Path(j) for j in spec["average"]]
+        paths = [Path(j) for j in spec["average"]]
         model = megatron_bar.load_model(paths[0])
         state = model.state_dict()
         keys = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
@@ -45,15 +44,15 @@ def load_row_model(spec: dict, ckpt=None):
                 acc[k] += other[k]
         model.load_state_dict({**state, **{k: v / len(paths) for k, v in acc.items()}})
         return model, load_tokenizer(paths[0] / "tokenizer")
-    path = Path(spec["path"]) if "path" in spec else Path(ckpt(spec["load"]))
+    path = Path(spec["path"])
     return megatron_bar.load_model(path, moe_topk=spec.get("topk")), load_tokenizer(path / "tokenizer")
 
 
-def evaluate_row(spec: dict, suites, max_new_tokens: int, ckpt=None) -> dict:
+def evaluate_row(spec: dict, suites, max_new_tokens: int) -> dict:
     """One row's scores (rounded, in :data:`COLUMNS`) and its first replies per domain."""
     from megatron_bar.eval import evaluate_detailed
 
-    model, tok = load_row_model(spec, ckpt)
+    model, tok = load_row_model(spec)
     res = evaluate_detailed(model, tok, suites, max_new_tokens=max_new_tokens, batch_size=64)
     return {"scores": {c: round(res.scores[c], 2) for c in COLUMNS},
             "samples": {d: v[:3] for d, v in res.samples.items()}}
