@@ -8,6 +8,7 @@ indexed globally), so the same folder loads at any TP / PP / EP; megatron reshar
 from __future__ import annotations
 
 import json
+import queue
 from pathlib import Path
 
 import torch.distributed as dist
@@ -35,6 +36,23 @@ def check_same_architecture(expected: ModelConfig, found: ModelConfig, where: st
         raise CheckpointMismatch(f"{where} holds another architecture ({lines})")
 
 
+def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
+    """megatron's ``dist_checkpointing.save`` (torch_dist format, synchronous).
+
+    megatron-core's torch_dist writer passes its write results through a queue built for
+    asynchronous saves: a multiprocessing Manager served by a *spawned* process, a fresh
+    interpreter that costs ~3.5 s of CPU the first time a process saves - longer than a
+    whole demo stage's training. Every save here is synchronous (the results are put and
+    taken in this process), so an in-process queue carries them; the format written is
+    unchanged. Set once per process, before the first save creates the Manager.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(sharded_state_dict, str(directory))
+
+
 def save_model(model, cfg: ModelConfig, directory: str | Path, write_extra=None) -> Path:
     """Write ``model`` (this rank's shards; every rank calls) to ``directory``, atomically.
 
@@ -44,7 +62,7 @@ def save_model(model, cfg: ModelConfig, directory: str | Path, write_extra=None)
     directory = Path(directory)
     rank0 = dist.get_rank() == 0
     with atomic_output_dir(directory, is_writer=rank0, barrier=dist.barrier) as tmp:
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        save_sharded(model.sharded_state_dict(), tmp)
         if rank0:
             cfg.save(tmp)
             if write_extra:

@@ -120,14 +120,23 @@ def test_ddp_schedule_and_megatron_optimizer_train(mcore_moe_dir):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
-def test_dist_checkpoint_save_load_is_bit_exact(mcore_dense_dir, tmp_path):
+def test_dist_checkpoint_save_load_is_bit_exact(mcore_dense_dir, tmp_path, monkeypatch):
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     from megatron_bar.model.builder import build_model
     from megatron_bar.model.checkpoint import load_weights, save_model
     from megatron_bar.model.config import ModelConfig
 
     cfg = ModelConfig.load(mcore_dense_dir)
     a = build_model(cfg)  # random init
+    # as in a fresh process: megatron would start its results-queue Manager on this save
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)
+    before = set(multiprocessing.active_children())
     save_model(a, cfg, tmp_path / "ckpt")
+    # the synchronous save started no process that outlives it (the spawned Manager costs ~3.5 s)
+    assert set(multiprocessing.active_children()) <= before
     b = build_model(cfg, perform_initialization=False)
     load_weights(b, cfg, tmp_path / "ckpt")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
