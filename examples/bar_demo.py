@@ -24,6 +24,8 @@ def main():
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--parallel", type=int, default=2, help="steps run at the same time (one core each)")
     p.add_argument("--no-baselines", action="store_true", help="skip monolithic, sequential, dense merge, BTX")
+    p.add_argument("--cold", action="store_true",
+                   help="start every step as a new interpreter (default: forks of one that imported torch once)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     from dataclasses import replace
@@ -33,7 +35,7 @@ def main():
     s = replace(DemoSettings.preset(args.quick, args.seed), parallel=args.parallel,
                 baselines=not args.no_baselines)
     out = args.out or Path("runs") / ("bar_demo_quick" if args.quick else "bar_demo")
-    result = run_demo(s, out, overwrite=args.overwrite)
+    result = run_demo(s, out, overwrite=args.overwrite, warm=not args.cold)
     print((out / "results.md").read_text())
     sys.stdout.flush()
 

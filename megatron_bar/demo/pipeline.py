@@ -426,8 +426,10 @@ def _make_base(s: DemoSettings, run: Path) -> None:
     shutil.rmtree(tmp)
 
 
-def run_demo(s: DemoSettings, out: Path, overwrite: bool = False, console=None) -> dict:
-    """Run the whole demo into ``out``; returns the results dict (also results.json)."""
+def run_demo(s: DemoSettings, out: Path, overwrite: bool = False, console=None, warm: bool = True) -> dict:
+    """Run the whole demo into ``out``; returns the results dict (also results.json).
+    ``warm``: steps run as forks of one interpreter that imported torch and megatron-core
+    (:mod:`megatron_bar.demo.warm`), else each as a new interpreter; the results are the same."""
     from rich.console import Console
 
     from megatron_bar.demo import report
@@ -440,7 +442,7 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False, console=None) 
         shutil.rmtree(out)
     (out / "models").mkdir(parents=True)
     t0 = time.time()
-    graph = JobGraph(out, REPO, parallel=s.parallel, console=console)
+    graph = JobGraph(out, REPO, parallel=s.parallel, console=console, warm=warm)
     plan = build_graph(s, out, graph, lambda: _make_base(s, out))
     p = plan.planner
     console.print(f"[bold]BAR demo[/bold] ({'quick' if s.quick else 'full'}, seed {s.seed}): "
