@@ -70,6 +70,9 @@ class DemoSettings:
     # no longer learns.
     shared_lr_scale: float = 0.1
     embedding_lr_scale: float = 0.01
+    # ... except in the stage that adds the tool-call tokens: the method unfreezes the
+    # embeddings in SFT for exactly this (new tokens), and at 0.01 their rows barely move.
+    new_token_embedding_lr_scale: float = 0.1
     rl_prompts: int = 8
     rl_samples: int = 8
     rl_max_tokens: int = 24
@@ -151,7 +154,8 @@ class Planner:
             "optim": {"lr": lr, "schedule": "cosine" if stage != "router" else "constant",
                       "warmup_steps": 0 if stage == "router" else max(1, steps // 10), "clip_grad": 1.0,
                       "shared_lr_scale": s.shared_lr_scale,
-                      "shared_lr_scale_by_group": {"embedding": s.embedding_lr_scale}},
+                      "shared_lr_scale_by_group": {
+                          "embedding": s.new_token_embedding_lr_scale if special else s.embedding_lr_scale}},
             "train": {"stage": stage, "steps": None if epochs else steps, "epochs": epochs or 1.0,
                       "global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size,
                       "seed": s.seed + 1234, "log_interval": max(1, steps // 10), "output_dir": str(out)},
