@@ -221,6 +221,16 @@ def _check_same_dtypes(ref: _Input, others: Sequence[_Input]) -> None:
             raise MergeError(f"{inp.name} stores {b} tensors, {ref.name} {a}: convert one of them first")
 
 
+def _expert_chunks(indices: set):
+    """Selects the stored chunks of expert tensors ([layers, experts, ...]) that lie within
+    one expert of ``indices`` (for :meth:`CheckpointReader.hash_chunks_in_background`)."""
+
+    def select(key, offsets, sizes):
+        return ".mlp.experts." in key and len(sizes) > 1 and sizes[1] == 1 and offsets[1] in indices
+
+    return select
+
+
 def _expert_keys(keys) -> list[str]:
     return [k for k in keys if ".mlp.experts." in k]
 
@@ -472,8 +482,11 @@ def _group_of(key: str) -> str:
     return "other"
 
 
-# Elements of the fp32 pieces the mean and the statistics work on (4 MiB per fp32 buffer).
-_PIECE = 1 << 20
+# Elements of the fp32 pieces the mean and the statistics work on (1 MiB per fp32 buffer:
+# a worker's buffers stay in the CPU cache).
+_PIECE = 1 << 19
+# Up to this many inputs, each input's fp32 piece is kept between the mean and its distance.
+_KEEP_INPUTS = 8
 
 
 class _Composer:
@@ -693,31 +706,46 @@ class _Composer:
         uniform = all(same)
         m = min(step, n)
 
+        # Each input's piece is converted to fp32 once and kept for its distance (one
+        # buffer per input and worker, a few MiB whatever the model: pieces are small); past
+        # _KEEP_INPUTS inputs, one buffer is reused and each input converted twice.
+        keep = len(xs) <= _KEEP_INPUTS
+
         def work(pieces, worker):
             """The mean and the distances of ``pieces``; returns their statistics in order."""
-            # two fp32 pieces per worker, whatever K (memory must not grow with K)
-            acc_buf = self.buffers.get(("f32", worker, 0), (m,), torch.float32)
-            tmp_buf = self.buffers.get(("f32", worker, 1), (m,), torch.float32)
+            acc_buf = self.buffers.get(("f32", worker, "acc"), (m,), torch.float32)
+            tmp_buf = self.buffers.get(("f32", worker, "tmp"), (m,), torch.float32)
+            x_bufs = ({rid: self.buffers.get(("f32", worker, j), (m,), torch.float32)
+                       for j, rid in enumerate(xs)} if keep else {})
             got = []
             for p0, p1 in pieces:
                 if flat:
                     part = {rid: x.view(-1)[p0:p1] for rid, x in xs.items()}
                     d = dst.view(-1)[p0:p1]
                     acc, tmp = acc_buf[: p1 - p0], tmp_buf[: p1 - p0]
+                    fx = {rid: b[: p1 - p0] for rid, b in x_bufs.items()}
                 else:
                     part, d = xs, dst
                     acc, tmp = acc_buf.view(dst.shape), tmp_buf.view(dst.shape)
+                    fx = {rid: b.view(dst.shape) for rid, b in x_bufs.items()}
+                done = set()  # inputs whose fp32 piece is in fx
                 if uniform:
                     acc.copy_(part[id(values[0][0])])
                 else:
                     # fp32, rounded once; the same operations as x.float() * w summed in order
+                    # (torch.mul(f, s, out=acc) is acc.copy_(f); acc.mul_(s), bit for bit)
                     for i, (ref, w) in enumerate(values):
-                        if i == 0:
-                            acc.copy_(part[id(ref)])
-                            acc.mul_(w / total)
+                        rid = id(ref)
+                        if keep:
+                            f = fx[rid]
+                            f.copy_(part[rid])
+                            done.add(rid)
+                            torch.mul(f, w / total, out=acc if i == 0 else tmp)
                         else:
-                            tmp.copy_(part[id(ref)])
-                            tmp.mul_(w / total)
+                            t = acc if i == 0 else tmp
+                            t.copy_(part[rid])
+                            t.mul_(w / total)
+                        if i:
                             acc.add_(tmp)
                     d.copy_(acc)
                 if not reported:
@@ -725,15 +753,20 @@ class _Composer:
                 sq_m = float(torch.linalg.vector_norm(acc)) ** 2
                 dists = []
                 for name, ref in reported:
-                    if uniform and id(ref) in value_ids:
+                    rid = id(ref)
+                    if uniform and rid in value_ids:
                         dists.append((name, 0.0, 0.0))
                         continue
-                    # x to fp32 (exact), then a same-dtype subtraction: a mixed bf16 - fp32
+                    # x in fp32 (exact), then a same-dtype subtraction: a mixed bf16 - fp32
                     # op takes torch's slow casting path; the result is the same
-                    tmp.copy_(part[id(ref)])
-                    tmp.sub_(acc)
-                    d2 = float(torch.linalg.vector_norm(tmp)) ** 2
-                    lo, hi = torch.aminmax(tmp)
+                    if rid in done:
+                        f = fx[rid]  # (each input is reported once: it may be overwritten)
+                    else:
+                        f = tmp
+                        f.copy_(part[rid])
+                    f.sub_(acc)
+                    d2 = float(torch.linalg.vector_norm(f)) ** 2
+                    lo, hi = torch.aminmax(f)
                     dists.append((name, d2, max(-float(lo), float(hi))))
                 got.append((sq_m, dists))
             return got
@@ -1056,6 +1089,10 @@ def _merge_experts(
 
     inputs = [_open_input(n, Path(p)) for n, p in experts]
     try:
+        # the domain experts are copied, never read: hashed from their files from now on,
+        # on a core that the checks below leave idle (a dry run records no hashes)
+        for inp in inputs if not dry_run else ():
+            inp.reader.hash_chunks_in_background(_expert_chunks({DOMAIN_EXPERT}))
         ref = inputs[0]
         for inp in inputs:
             if inp.cfg.num_experts != 2:
@@ -1213,6 +1250,12 @@ def _upgrade(
     news = [_open_input(n, Path(p)) for n, p in list(replace) + list(add)]
     inputs = [base] + news
     try:
+        # experts copied, never read, hashed from their files from now on (see _merge_experts)
+        if not dry_run:
+            replaced_idx = {names.index(n) + 1 for n, _ in replace}
+            base.reader.hash_chunks_in_background(_expert_chunks(set(range(1, len(names) + 1)) - replaced_idx))
+            for inp in news:
+                inp.reader.hash_chunks_in_background(_expert_chunks({DOMAIN_EXPERT}))
         if base.cfg.num_experts != len(names) + 1:
             raise MergeError(
                 f"{base_dir}: {base.cfg.num_experts} experts but its manifest lists {len(names)} + anchor"
