@@ -267,35 +267,94 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers) -> None:
     """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit."""
-    r0, r1 = ref.reader, inp.reader
     for key in _expert_keys(inp.model_keys):
-        shape = r1.shape(key)  # [layers, experts, ...]
-        dtype = r1.dtype(key)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        worst, where = 0.0, None
-        for layer in range(shape[0]):
-            off = (layer, ANCHOR) + (0,) * (len(shape) - 2)
-            sz = (1, 1) + shape[2:]
-            for _, (boff, bsz) in row_blocks(off, sz, itemsize):
-                # on the file mappings where the box is one stored run (no copy), else read
-                a = r1.view(key, boff, bsz, hash=False)
-                if a is None:
-                    a = r1.read(key, boff, bsz, out=buffers.get("anchor-a", bsz, dtype), hash=False)
-                b = r0.view(key, boff, bsz)
-                if b is None:
-                    b = r0.read(key, boff, bsz, out=buffers.get("anchor-b", bsz, dtype))
-                if not _equal(a, b):
-                    d = (a.float() - b.float()).abs().max().item()
-                    if where is None or d > worst or math.isnan(d):
-                        worst, where = d, layer
-        if where is not None:
-            raise MergeError(
-                f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
-                f"tensor {key!r} (layer {where}, expert 0) max |difference| {worst:.3g}. Every "
-                f"expert must start from the same base and keep expert 0 frozen."
-            )
-        # identical bytes: their digests are the reference's (the rest is hashed on reading)
-        r1.adopt_hashes(key, r0, lambda off, sz: off[1] == ANCHOR and sz[1] == 1)
+        _check_anchor_key(ref, inp, key, buffers)
+
+
+def _check_anchor_key(ref: _Input, inp: _Input, key: str, buffers: Buffers, stop: Callable = lambda: False) -> bool:
+    """Expert 0 of tensor ``key`` of ``inp`` equals that of ``ref``, bit for bit (else a
+    MergeError). ``stop()`` true: give up early (returns False: not checked)."""
+    r0, r1 = ref.reader, inp.reader
+    shape = r1.shape(key)  # [layers, experts, ...]
+    dtype = r1.dtype(key)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    worst, where = 0.0, None
+    for layer in range(shape[0]):
+        off = (layer, ANCHOR) + (0,) * (len(shape) - 2)
+        sz = (1, 1) + shape[2:]
+        for _, (boff, bsz) in row_blocks(off, sz, itemsize):
+            if stop():
+                return False
+            # on the file mappings where the box is one stored run (no copy), else read
+            a = r1.view(key, boff, bsz, hash=False)
+            if a is None:
+                a = r1.read(key, boff, bsz, out=buffers.get("anchor-a", bsz, dtype), hash=False)
+            b = r0.view(key, boff, bsz)
+            if b is None:
+                b = r0.read(key, boff, bsz, out=buffers.get("anchor-b", bsz, dtype))
+            if not _equal(a, b):
+                d = (a.float() - b.float()).abs().max().item()
+                if where is None or d > worst or math.isnan(d):
+                    worst, where = d, layer
+    if where is not None:
+        raise MergeError(
+            f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
+            f"tensor {key!r} (layer {where}, expert 0) max |difference| {worst:.3g}. Every "
+            f"expert must start from the same base and keep expert 0 frozen."
+        )
+    # identical bytes: their digests are the reference's (the rest is hashed on reading)
+    r1.adopt_hashes(key, r0, lambda off, sz: off[1] == ANCHOR and sz[1] == 1)
+    return True
+
+
+class _AnchorCheck:
+    """:func:`_check_anchor` of each of ``others`` against ``ref``, started on a thread as
+    soon as the inputs are open: the comparison (file mappings and memcmp, which leave the
+    GIL free) runs while the main thread checks the inputs' tensor lists, which builds
+    their models (imports, process groups: Python work). :meth:`result`, called where the
+    check used to run, raises exactly what :func:`_check_anchor` would have raised there:
+    the first failing expert tensor of the model's, in the same order; tensors the thread
+    did not take (its guess of the model's expert tensors is made before the model is
+    known) are compared then, and what it compared beyond them is ignored."""
+
+    def __init__(self, ref: _Input, others: Sequence[_Input]):
+        import threading
+
+        self.ref, self.others = ref, list(others)
+        self.outcome: dict[tuple[str, str], BaseException | None] = {}  # (input, key) -> error or None
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="merge-anchor", daemon=True)
+        self._thread.start()
+
+    def _guess(self, inp: _Input) -> list[str]:
+        r0, r1 = self.ref.reader, inp.reader
+        return [k for k in sorted(r1.keys()) if ".mlp.experts." in k and not k.startswith("optimizer.")
+                and k in r0.tensors and r0.shape(k) == r1.shape(k) and r0.dtype(k) == r1.dtype(k)
+                and len(r1.shape(k)) > 2 and r1.shape(k)[1] > ANCHOR]
+
+    def _work(self) -> None:
+        buffers = Buffers()
+        for inp in self.others:
+            for key in self._guess(inp):
+                try:
+                    if not _check_anchor_key(self.ref, inp, key, buffers, lambda: self._stop):
+                        return
+                    self.outcome[(inp.name, key)] = None
+                except BaseException as e:  # raised (or not) by result()
+                    self.outcome[(inp.name, key)] = e
+
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join()
+
+    def result(self, buffers: Buffers) -> None:
+        self._thread.join()
+        for inp in self.others:
+            for key in _expert_keys(inp.model_keys):
+                if (inp.name, key) not in self.outcome:
+                    _check_anchor_key(self.ref, inp, key, buffers)
+                elif self.outcome[(inp.name, key)] is not None:
+                    raise self.outcome[(inp.name, key)]
 
 
 # -- vocabulary ---------------------------------------------------------------------------
@@ -1088,12 +1147,14 @@ def _merge_experts(
             raise MergeError("--weights: the weights must not all be zero")
 
     inputs = [_open_input(n, Path(p)) for n, p in experts]
+    anchors = None
     try:
         # the domain experts are copied, never read: hashed from their files from now on,
         # on a core that the checks below leave idle (a dry run records no hashes)
         for inp in inputs if not dry_run else ():
             inp.reader.hash_chunks_in_background(_expert_chunks({DOMAIN_EXPERT}))
         ref = inputs[0]
+        anchors = _AnchorCheck(ref, inputs[1:])  # its verdict is taken in checks() below
         for inp in inputs:
             if inp.cfg.num_experts != 2:
                 raise MergeError(
@@ -1108,8 +1169,7 @@ def _merge_experts(
         buffers = Buffers()
 
         def checks():  # in _run, while the first computed chunk is computed
-            for inp in inputs[1:]:
-                _check_anchor(ref, inp, buffers)
+            anchors.result(buffers)
 
         w = [1.0] * len(inputs) if weights is None else [weights[inp.name] for inp in inputs]
         total = sum(w)
@@ -1196,6 +1256,8 @@ def _merge_experts(
             dtype=dtype, print_fn=print_fn, checks=checks,
         )
     finally:
+        if anchors is not None:
+            anchors.stop()
         for inp in inputs:
             inp.reader.close()
 
@@ -1249,6 +1311,7 @@ def _upgrade(
     base = _open_input(BASE_NAME, base_dir)
     news = [_open_input(n, Path(p)) for n, p in list(replace) + list(add)]
     inputs = [base] + news
+    anchors = None
     try:
         # experts copied, never read, hashed from their files from now on (see _merge_experts)
         if not dry_run:
@@ -1256,6 +1319,7 @@ def _upgrade(
             base.reader.hash_chunks_in_background(_expert_chunks(set(range(1, len(names) + 1)) - replaced_idx))
             for inp in news:
                 inp.reader.hash_chunks_in_background(_expert_chunks({DOMAIN_EXPERT}))
+        anchors = _AnchorCheck(base, news)  # its verdict is taken in checks() below
         if base.cfg.num_experts != len(names) + 1:
             raise MergeError(
                 f"{base_dir}: {base.cfg.num_experts} experts but its manifest lists {len(names)} + anchor"
@@ -1272,8 +1336,7 @@ def _upgrade(
         buffers = Buffers()
 
         def checks():  # in _run, while the first computed chunk is computed
-            for inp in news:
-                _check_anchor(base, inp, buffers)
+            anchors.result(buffers)
 
         replaced = {n: i + 1 for i, (n, _) in enumerate(replace)}  # name -> index in inputs
         order = list(names) + [n for n, _ in add]
@@ -1365,5 +1428,7 @@ def _upgrade(
             tokenizer_inputs=inputs, vocab=vocab, dtype=dtype, print_fn=print_fn, checks=checks,
         )
     finally:
+        if anchors is not None:
+            anchors.stop()
         for inp in inputs:
             inp.reader.close()

@@ -16,10 +16,12 @@ Writing (:func:`write_checkpoint`): megatron's own ``dist_checkpointing.save`` o
 chunking, sharded objects, ``common.pt`` and ``metadata.json`` are exactly what megatron
 writes for that model - with a save strategy whose planner computes each chunk only when
 the writer asks for it (``resolve_data``) and a writer that writes chunks one at a time and
-keeps none. A chunk that is a stored input chunk unchanged is copied as its stored archive
-(``copy_file_range``). Peak memory is two output chunks (the
-one being written, the next one being computed on a thread) plus what the caller needs to
-compute them; reused buffers (:class:`Buffers`) keep it flat.
+keeps none, into a data file opened with ``O_DIRECT`` where the filesystem allows
+(:class:`_OutputFile`: no kernel copy into the page cache). A chunk that is a stored input
+chunk unchanged is copied as its stored archive (straight from a mapping of the input;
+``copy_file_range`` where the output goes through the page cache). Peak memory is two
+output chunks (the one being written, the next one being computed on a thread) plus what
+the caller needs to compute them; reused buffers (:class:`Buffers`) keep it flat.
 """
 
 from __future__ import annotations
