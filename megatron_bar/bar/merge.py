@@ -265,12 +265,6 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers) -> None:
-    """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit."""
-    for key in _expert_keys(inp.model_keys):
-        _check_anchor_key(ref, inp, key, buffers)
-
-
 def _check_anchor_key(ref: _Input, inp: _Input, key: str, buffers: Buffers, stop: Callable = lambda: False) -> bool:
     """Expert 0 of tensor ``key`` of ``inp`` equals that of ``ref``, bit for bit (else a
     MergeError). ``stop()`` true: give up early (returns False: not checked)."""
@@ -308,11 +302,11 @@ def _check_anchor_key(ref: _Input, inp: _Input, key: str, buffers: Buffers, stop
 
 
 class _AnchorCheck:
-    """:func:`_check_anchor` of each of ``others`` against ``ref``, started on a thread as
+    """:func:`_check_anchor_key` of each of ``others`` against ``ref``, started on a thread as
     soon as the inputs are open: the comparison (file mappings and memcmp, which leave the
     GIL free) runs while the main thread checks the inputs' tensor lists, which builds
     their models (imports, process groups: Python work). :meth:`result`, called where the
-    check used to run, raises exactly what :func:`_check_anchor` would have raised there:
+    check used to run, raises exactly what checking each expert tensor in turn would raise there:
     the first failing expert tensor of the model's, in the same order; tensors the thread
     did not take (its guess of the model's expert tensors is made before the model is
     known) are compared then, and what it compared beyond them is ignored."""
@@ -328,7 +322,7 @@ class _AnchorCheck:
 
     def _guess(self, inp: _Input) -> list[str]:
         r0, r1 = self.ref.reader, inp.reader
-        return [k for k in sorted(r1.keys()) if ".mlp.experts." in k and not k.startswith("optimizer.")
+        return [k for k in _expert_keys(sorted(r1.keys())) if not k.startswith("optimizer.")
                 and k in r0.tensors and r0.shape(k) == r1.shape(k) and r0.dtype(k) == r1.dtype(k)
                 and len(r1.shape(k)) > 2 and r1.shape(k)[1] > ANCHOR]
 

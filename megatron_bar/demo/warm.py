@@ -20,6 +20,7 @@ when the process that started it ends, however it ends.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -44,10 +45,8 @@ PRELOAD = ("torch", "megatron.core", "megatron_bar.train.trainer", "megatron_bar
 
 def serve(path: str) -> None:
     for name in PRELOAD:
-        try:
+        with contextlib.suppress(Exception):  # the step that needs it reports it
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - the step that needs it reports it
-            pass
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -73,11 +72,10 @@ def serve(path: str) -> None:
 
 
 def _reap() -> None:
-    try:
+    """Collect the steps that have ended (ChildProcessError: none left)."""
+    with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass
+            continue
 
 
 def _become_step(conn: socket.socket) -> None:
@@ -113,14 +111,11 @@ def _enter(request: dict) -> None:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    random.seed()
-    try:
-        import numpy as np
-
-        np.random.seed()
-    except ImportError:
-        pass
+    import numpy as np
     import torch
+
+    random.seed()
+    np.random.seed()
 
     torch.seed()  # a fresh interpreter's default generator starts from a random seed too
     # OMP_NUM_THREADS is read when torch loads, so in a fork it is set here
