@@ -221,16 +221,6 @@ def _check_same_dtypes(ref: _Input, others: Sequence[_Input]) -> None:
             raise MergeError(f"{inp.name} stores {b} tensors, {ref.name} {a}: convert one of them first")
 
 
-def _expert_chunks(indices: set):
-    """Selects the stored chunks of expert tensors ([layers, experts, ...]) that lie within
-    one expert of ``indices`` (for :meth:`CheckpointReader.hash_chunks_in_background`)."""
-
-    def select(key, offsets, sizes):
-        return ".mlp.experts." in key and len(sizes) > 1 and sizes[1] == 1 and offsets[1] in indices
-
-    return select
-
-
 def _expert_keys(keys) -> list[str]:
     return [k for k in keys if ".mlp.experts." in k]
 
@@ -265,90 +255,37 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _check_anchor_key(ref: _Input, inp: _Input, key: str, buffers: Buffers, stop: Callable = lambda: False) -> bool:
-    """Expert 0 of tensor ``key`` of ``inp`` equals that of ``ref``, bit for bit (else a
-    MergeError). ``stop()`` true: give up early (returns False: not checked)."""
+def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers) -> None:
+    """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit."""
     r0, r1 = ref.reader, inp.reader
-    shape = r1.shape(key)  # [layers, experts, ...]
-    dtype = r1.dtype(key)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    worst, where = 0.0, None
-    for layer in range(shape[0]):
-        off = (layer, ANCHOR) + (0,) * (len(shape) - 2)
-        sz = (1, 1) + shape[2:]
-        for _, (boff, bsz) in row_blocks(off, sz, itemsize):
-            if stop():
-                return False
-            # on the file mappings where the box is one stored run (no copy), else read
-            a = r1.view(key, boff, bsz, hash=False)
-            if a is None:
-                a = r1.read(key, boff, bsz, out=buffers.get("anchor-a", bsz, dtype), hash=False)
-            b = r0.view(key, boff, bsz)
-            if b is None:
-                b = r0.read(key, boff, bsz, out=buffers.get("anchor-b", bsz, dtype))
-            if not _equal(a, b):
-                d = (a.float() - b.float()).abs().max().item()
-                if where is None or d > worst or math.isnan(d):
-                    worst, where = d, layer
-    if where is not None:
-        raise MergeError(
-            f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
-            f"tensor {key!r} (layer {where}, expert 0) max |difference| {worst:.3g}. Every "
-            f"expert must start from the same base and keep expert 0 frozen."
-        )
-    # identical bytes: their digests are the reference's (the rest is hashed on reading)
-    r1.adopt_hashes(key, r0, lambda off, sz: off[1] == ANCHOR and sz[1] == 1)
-    return True
-
-
-class _AnchorCheck:
-    """:func:`_check_anchor_key` of each of ``others`` against ``ref``, started on a thread as
-    soon as the inputs are open: the comparison (file mappings and memcmp, which leave the
-    GIL free) runs while the main thread checks the inputs' tensor lists, which builds
-    their models (imports, process groups: Python work). :meth:`result`, called where the
-    check used to run, raises exactly what checking each expert tensor in turn would raise there:
-    the first failing expert tensor of the model's, in the same order; tensors the thread
-    did not take (its guess of the model's expert tensors is made before the model is
-    known) are compared then, and what it compared beyond them is ignored."""
-
-    def __init__(self, ref: _Input, others: Sequence[_Input]):
-        import threading
-
-        self.ref, self.others = ref, list(others)
-        self.outcome: dict[tuple[str, str], BaseException | None] = {}  # (input, key) -> error or None
-        self._stop = False
-        self._thread = threading.Thread(target=self._work, name="merge-anchor", daemon=True)
-        self._thread.start()
-
-    def _guess(self, inp: _Input) -> list[str]:
-        r0, r1 = self.ref.reader, inp.reader
-        return [k for k in _expert_keys(sorted(r1.keys())) if not k.startswith("optimizer.")
-                and k in r0.tensors and r0.shape(k) == r1.shape(k) and r0.dtype(k) == r1.dtype(k)
-                and len(r1.shape(k)) > 2 and r1.shape(k)[1] > ANCHOR]
-
-    def _work(self) -> None:
-        buffers = Buffers()
-        for inp in self.others:
-            for key in self._guess(inp):
-                try:
-                    if not _check_anchor_key(self.ref, inp, key, buffers, lambda: self._stop):
-                        return
-                    self.outcome[(inp.name, key)] = None
-                except BaseException as e:  # raised (or not) by result()
-                    self.outcome[(inp.name, key)] = e
-
-    def stop(self) -> None:
-        self._stop = True
-        self._thread.join()
-
-    def result(self, buffers: Buffers) -> None:
-        self._thread.join()
-        for inp in self.others:
-            for key in _expert_keys(inp.model_keys):
-                if (inp.name, key) not in self.outcome:
-                    _check_anchor_key(self.ref, inp, key, buffers)
-                elif self.outcome[(inp.name, key)] is not None:
-                    raise self.outcome[(inp.name, key)]
+    for key in _expert_keys(inp.model_keys):
+        shape = r1.shape(key)  # [layers, experts, ...]
+        dtype = r1.dtype(key)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        worst, where = 0.0, None
+        for layer in range(shape[0]):
+            off = (layer, ANCHOR) + (0,) * (len(shape) - 2)
+            sz = (1, 1) + shape[2:]
+            for _, (boff, bsz) in row_blocks(off, sz, itemsize):
+                # on the file mappings where the box is one stored run (no copy), else read
+                a = r1.view(key, boff, bsz, hash=False)
+                if a is None:
+                    a = r1.read(key, boff, bsz, out=buffers.get("anchor-a", bsz, dtype), hash=False)
+                b = r0.view(key, boff, bsz)
+                if b is None:
+                    b = r0.read(key, boff, bsz, out=buffers.get("anchor-b", bsz, dtype))
+                if not _equal(a, b):
+                    d = (a.float() - b.float()).abs().max().item()
+                    if where is None or d > worst or math.isnan(d):
+                        worst, where = d, layer
+        if where is not None:
+            raise MergeError(
+                f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
+                f"tensor {key!r} (layer {where}, expert 0) max |difference| {worst:.3g}. Every "
+                f"expert must start from the same base and keep expert 0 frozen."
+            )
+        # identical bytes: their digests are the reference's (the rest is hashed on reading)
+        r1.adopt_hashes(key, r0, lambda off, sz: off[1] == ANCHOR and sz[1] == 1)
 
 
 # -- vocabulary ---------------------------------------------------------------------------
@@ -535,11 +472,8 @@ def _group_of(key: str) -> str:
     return "other"
 
 
-# Elements of the fp32 pieces the mean and the statistics work on (1 MiB per fp32 buffer:
-# a worker's buffers stay in the CPU cache).
-_PIECE = 1 << 19
-# Up to this many inputs, each input's fp32 piece is kept between the mean and its distance.
-_KEEP_INPUTS = 8
+# Elements of the fp32 pieces the mean and the statistics work on (4 MiB per fp32 buffer).
+_PIECE = 1 << 20
 
 
 class _Composer:
@@ -759,46 +693,31 @@ class _Composer:
         uniform = all(same)
         m = min(step, n)
 
-        # Each input's piece is converted to fp32 once and kept for its distance (one
-        # buffer per input and worker, a few MiB whatever the model: pieces are small); past
-        # _KEEP_INPUTS inputs, one buffer is reused and each input converted twice.
-        keep = len(xs) <= _KEEP_INPUTS
-
         def work(pieces, worker):
             """The mean and the distances of ``pieces``; returns their statistics in order."""
-            acc_buf = self.buffers.get(("f32", worker, "acc"), (m,), torch.float32)
-            tmp_buf = self.buffers.get(("f32", worker, "tmp"), (m,), torch.float32)
-            x_bufs = ({rid: self.buffers.get(("f32", worker, j), (m,), torch.float32)
-                       for j, rid in enumerate(xs)} if keep else {})
+            # two fp32 pieces per worker, whatever K (memory must not grow with K)
+            acc_buf = self.buffers.get(("f32", worker, 0), (m,), torch.float32)
+            tmp_buf = self.buffers.get(("f32", worker, 1), (m,), torch.float32)
             got = []
             for p0, p1 in pieces:
                 if flat:
                     part = {rid: x.view(-1)[p0:p1] for rid, x in xs.items()}
                     d = dst.view(-1)[p0:p1]
                     acc, tmp = acc_buf[: p1 - p0], tmp_buf[: p1 - p0]
-                    fx = {rid: b[: p1 - p0] for rid, b in x_bufs.items()}
                 else:
                     part, d = xs, dst
                     acc, tmp = acc_buf.view(dst.shape), tmp_buf.view(dst.shape)
-                    fx = {rid: b.view(dst.shape) for rid, b in x_bufs.items()}
-                done = set()  # inputs whose fp32 piece is in fx
                 if uniform:
                     acc.copy_(part[id(values[0][0])])
                 else:
                     # fp32, rounded once; the same operations as x.float() * w summed in order
-                    # (torch.mul(f, s, out=acc) is acc.copy_(f); acc.mul_(s), bit for bit)
                     for i, (ref, w) in enumerate(values):
-                        rid = id(ref)
-                        if keep:
-                            f = fx[rid]
-                            f.copy_(part[rid])
-                            done.add(rid)
-                            torch.mul(f, w / total, out=acc if i == 0 else tmp)
+                        if i == 0:
+                            acc.copy_(part[id(ref)])
+                            acc.mul_(w / total)
                         else:
-                            t = acc if i == 0 else tmp
-                            t.copy_(part[rid])
-                            t.mul_(w / total)
-                        if i:
+                            tmp.copy_(part[id(ref)])
+                            tmp.mul_(w / total)
                             acc.add_(tmp)
                     d.copy_(acc)
                 if not reported:
@@ -806,20 +725,15 @@ class _Composer:
                 sq_m = float(torch.linalg.vector_norm(acc)) ** 2
                 dists = []
                 for name, ref in reported:
-                    rid = id(ref)
-                    if uniform and rid in value_ids:
+                    if uniform and id(ref) in value_ids:
                         dists.append((name, 0.0, 0.0))
                         continue
-                    # x in fp32 (exact), then a same-dtype subtraction: a mixed bf16 - fp32
+                    # x to fp32 (exact), then a same-dtype subtraction: a mixed bf16 - fp32
                     # op takes torch's slow casting path; the result is the same
-                    if rid in done:
-                        f = fx[rid]  # (each input is reported once: it may be overwritten)
-                    else:
-                        f = tmp
-                        f.copy_(part[rid])
-                    f.sub_(acc)
-                    d2 = float(torch.linalg.vector_norm(f)) ** 2
-                    lo, hi = torch.aminmax(f)
+                    tmp.copy_(part[id(ref)])
+                    tmp.sub_(acc)
+                    d2 = float(torch.linalg.vector_norm(tmp)) ** 2
+                    lo, hi = torch.aminmax(tmp)
                     dists.append((name, d2, max(-float(lo), float(hi))))
                 got.append((sq_m, dists))
             return got
@@ -1141,14 +1055,8 @@ def _merge_experts(
             raise MergeError("--weights: the weights must not all be zero")
 
     inputs = [_open_input(n, Path(p)) for n, p in experts]
-    anchors = None
     try:
-        # the domain experts are copied, never read: hashed from their files from now on,
-        # on a core that the checks below leave idle (a dry run records no hashes)
-        for inp in inputs if not dry_run else ():
-            inp.reader.hash_chunks_in_background(_expert_chunks({DOMAIN_EXPERT}))
         ref = inputs[0]
-        anchors = _AnchorCheck(ref, inputs[1:])  # its verdict is taken in checks() below
         for inp in inputs:
             if inp.cfg.num_experts != 2:
                 raise MergeError(
@@ -1163,7 +1071,8 @@ def _merge_experts(
         buffers = Buffers()
 
         def checks():  # in _run, while the first computed chunk is computed
-            anchors.result(buffers)
+            for inp in inputs[1:]:
+                _check_anchor(ref, inp, buffers)
 
         w = [1.0] * len(inputs) if weights is None else [weights[inp.name] for inp in inputs]
         total = sum(w)
@@ -1250,8 +1159,6 @@ def _merge_experts(
             dtype=dtype, print_fn=print_fn, checks=checks,
         )
     finally:
-        if anchors is not None:
-            anchors.stop()
         for inp in inputs:
             inp.reader.close()
 
@@ -1305,15 +1212,7 @@ def _upgrade(
     base = _open_input(BASE_NAME, base_dir)
     news = [_open_input(n, Path(p)) for n, p in list(replace) + list(add)]
     inputs = [base] + news
-    anchors = None
     try:
-        # experts copied, never read, hashed from their files from now on (see _merge_experts)
-        if not dry_run:
-            replaced_idx = {names.index(n) + 1 for n, _ in replace}
-            base.reader.hash_chunks_in_background(_expert_chunks(set(range(1, len(names) + 1)) - replaced_idx))
-            for inp in news:
-                inp.reader.hash_chunks_in_background(_expert_chunks({DOMAIN_EXPERT}))
-        anchors = _AnchorCheck(base, news)  # its verdict is taken in checks() below
         if base.cfg.num_experts != len(names) + 1:
             raise MergeError(
                 f"{base_dir}: {base.cfg.num_experts} experts but its manifest lists {len(names)} + anchor"
@@ -1330,7 +1229,8 @@ def _upgrade(
         buffers = Buffers()
 
         def checks():  # in _run, while the first computed chunk is computed
-            anchors.result(buffers)
+            for inp in news:
+                _check_anchor(base, inp, buffers)
 
         replaced = {n: i + 1 for i, (n, _) in enumerate(replace)}  # name -> index in inputs
         order = list(names) + [n for n, _ in add]
@@ -1422,7 +1322,5 @@ def _upgrade(
             tokenizer_inputs=inputs, vocab=vocab, dtype=dtype, print_fn=print_fn, checks=checks,
         )
     finally:
-        if anchors is not None:
-            anchors.stop()
         for inp in inputs:
             inp.reader.close()
