@@ -40,6 +40,7 @@ import logging
 import math
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -127,9 +128,19 @@ class _Input:
     tokenizer: object = None
     model_keys: list = field(default_factory=list)  # the model's tensors (not optimizer state)
     ignored: int = 0  # other tensors in the checkpoint
+    anchor_of: "_Input | None" = None  # the input whose anchor this one's was found equal to
+    _hash: str | None = None
 
     def content_hash(self) -> str:
-        return self.reader.content_hash(self.model_keys)
+        if self._hash is None:
+            if self.anchor_of is not None:
+                # its anchor's bytes are the reference's (compared bit for bit): their
+                # digests are taken from the reference's, not hashed a second time
+                self.anchor_of.content_hash()
+                for key in _expert_keys(self.model_keys):
+                    self.reader.adopt_hashes(key, self.anchor_of.reader, _anchor_box)
+            self._hash = self.reader.content_hash(self.model_keys)
+        return self._hash
 
     @property
     def cfg(self) -> ModelConfig:
@@ -225,6 +236,11 @@ def _expert_keys(keys) -> list[str]:
     return [k for k in keys if ".mlp.experts." in k]
 
 
+def _anchor_box(offsets, sizes) -> bool:
+    """A stored box of an expert tensor ([layers, experts, ...]) within expert 0."""
+    return offsets[1] == ANCHOR and sizes[1] == 1
+
+
 def _memcmp():
     import ctypes
 
@@ -255,10 +271,11 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers) -> None:
-    """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit."""
+def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers, keys: Sequence[str]) -> None:
+    """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit, in the expert
+    tensors ``keys``."""
     r0, r1 = ref.reader, inp.reader
-    for key in _expert_keys(inp.model_keys):
+    for key in keys:
         shape = r1.shape(key)  # [layers, experts, ...]
         dtype = r1.dtype(key)
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -271,9 +288,9 @@ def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers) -> None:
                 a = r1.view(key, boff, bsz, hash=False)
                 if a is None:
                     a = r1.read(key, boff, bsz, out=buffers.get("anchor-a", bsz, dtype), hash=False)
-                b = r0.view(key, boff, bsz)
+                b = r0.view(key, boff, bsz, hash=False)
                 if b is None:
-                    b = r0.read(key, boff, bsz, out=buffers.get("anchor-b", bsz, dtype))
+                    b = r0.read(key, boff, bsz, out=buffers.get("anchor-b", bsz, dtype), hash=False)
                 if not _equal(a, b):
                     d = (a.float() - b.float()).abs().max().item()
                     if where is None or d > worst or math.isnan(d):
@@ -284,8 +301,60 @@ def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers) -> None:
                 f"tensor {key!r} (layer {where}, expert 0) max |difference| {worst:.3g}. Every "
                 f"expert must start from the same base and keep expert 0 frozen."
             )
-        # identical bytes: their digests are the reference's (the rest is hashed on reading)
-        r1.adopt_hashes(key, r0, lambda off, sz: off[1] == ANCHOR and sz[1] == 1)
+    # identical bytes: its content hash takes their digests from the reference's. (The
+    # check itself hashes nothing: it runs on a thread of its own, see _AnchorCheck.)
+    inp.anchor_of = ref
+
+
+class _AnchorCheck:
+    """:func:`_check_anchor` of each of ``others`` against ``ref``, on a thread of its own.
+
+    Started as soon as the inputs' architecture is known to agree: comparing the anchors is
+    page mapping and memcmp (the GIL released), so it runs beside the main thread's Python
+    (the tensor lists, the meta model, the vocabulary and save plans) instead of before the
+    writing. :meth:`verdict` is taken where the check used to run - before anything is
+    written - and raises what the check raised. It checks the expert tensors the inputs
+    share by name and shape; the verdict checks on the main thread any expert tensor of the
+    model's list that the thread did not (a checkpoint whose tensor list is odd)."""
+
+    def __init__(self, ref: _Input, others: Sequence[_Input]):
+        self.ref, self.others = ref, list(others)
+        self.checked: dict[str, list[str]] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="merge-anchor-check", daemon=True)
+        self.thread.start()
+
+    def _keys(self, inp: _Input) -> list[str]:
+        r0, r1 = self.ref.reader, inp.reader
+        def per_expert(shape):  # [layers, experts, ...] less the number of experts
+            return shape[:1] + shape[2:]
+
+        return [k for k in _expert_keys(r1.keys())
+                if k.startswith("decoder.") and k in r0.tensors and len(r1.shape(k)) > 2
+                and per_expert(r0.shape(k)) == per_expert(r1.shape(k)) and r0.dtype(k) == r1.dtype(k)]
+
+    def _run(self) -> None:
+        buffers = Buffers()
+        try:
+            for inp in self.others:
+                keys = self._keys(inp)
+                _check_anchor(self.ref, inp, buffers, keys)
+                self.checked[inp.name] = keys
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by verdict()
+            self.error = e
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def verdict(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        buffers = Buffers()
+        for inp in self.others:
+            rest = [k for k in _expert_keys(inp.model_keys) if k not in self.checked.get(inp.name, ())]
+            if rest:
+                _check_anchor(self.ref, inp, buffers, rest)
 
 
 # -- vocabulary ---------------------------------------------------------------------------
@@ -472,8 +541,11 @@ def _group_of(key: str) -> str:
     return "other"
 
 
-# Elements of the fp32 pieces the mean and the statistics work on (4 MiB per fp32 buffer).
-_PIECE = 1 << 20
+# Elements of the fp32 pieces the mean and the statistics work on (2 MiB per fp32 buffer:
+# a worker's buffers stay in the CPU cache).
+_PIECE = 1 << 19
+# Up to this many inputs, each input's fp32 piece is kept between the mean and its distance.
+_KEEP_INPUTS = 8
 
 
 class _Composer:
@@ -693,31 +765,46 @@ class _Composer:
         uniform = all(same)
         m = min(step, n)
 
+        # Each input's piece is converted to fp32 once and kept for its distance (one
+        # buffer per input and worker, a few MiB whatever the model: pieces are small); past
+        # _KEEP_INPUTS inputs, one buffer is reused and each input converted twice.
+        keep = len(xs) <= _KEEP_INPUTS
+
         def work(pieces, worker):
             """The mean and the distances of ``pieces``; returns their statistics in order."""
-            # two fp32 pieces per worker, whatever K (memory must not grow with K)
-            acc_buf = self.buffers.get(("f32", worker, 0), (m,), torch.float32)
-            tmp_buf = self.buffers.get(("f32", worker, 1), (m,), torch.float32)
+            acc_buf = self.buffers.get(("f32", worker, "acc"), (m,), torch.float32)
+            tmp_buf = self.buffers.get(("f32", worker, "tmp"), (m,), torch.float32)
+            x_bufs = ({rid: self.buffers.get(("f32", worker, j), (m,), torch.float32)
+                       for j, rid in enumerate(xs)} if keep else {})
             got = []
             for p0, p1 in pieces:
                 if flat:
                     part = {rid: x.view(-1)[p0:p1] for rid, x in xs.items()}
                     d = dst.view(-1)[p0:p1]
                     acc, tmp = acc_buf[: p1 - p0], tmp_buf[: p1 - p0]
+                    fx = {rid: b[: p1 - p0] for rid, b in x_bufs.items()}
                 else:
                     part, d = xs, dst
                     acc, tmp = acc_buf.view(dst.shape), tmp_buf.view(dst.shape)
+                    fx = {rid: b.view(dst.shape) for rid, b in x_bufs.items()}
+                done = set()  # inputs whose fp32 piece is in fx
                 if uniform:
                     acc.copy_(part[id(values[0][0])])
                 else:
                     # fp32, rounded once; the same operations as x.float() * w summed in order
+                    # (torch.mul(f, s, out=acc) is acc.copy_(f); acc.mul_(s), bit for bit)
                     for i, (ref, w) in enumerate(values):
-                        if i == 0:
-                            acc.copy_(part[id(ref)])
-                            acc.mul_(w / total)
+                        rid = id(ref)
+                        if keep:
+                            f = fx[rid]
+                            f.copy_(part[rid])
+                            done.add(rid)
+                            torch.mul(f, w / total, out=acc if i == 0 else tmp)
                         else:
-                            tmp.copy_(part[id(ref)])
-                            tmp.mul_(w / total)
+                            t = acc if i == 0 else tmp
+                            t.copy_(part[rid])
+                            t.mul_(w / total)
+                        if i:
                             acc.add_(tmp)
                     d.copy_(acc)
                 if not reported:
@@ -725,15 +812,20 @@ class _Composer:
                 sq_m = float(torch.linalg.vector_norm(acc)) ** 2
                 dists = []
                 for name, ref in reported:
-                    if uniform and id(ref) in value_ids:
+                    rid = id(ref)
+                    if uniform and rid in value_ids:
                         dists.append((name, 0.0, 0.0))
                         continue
-                    # x to fp32 (exact), then a same-dtype subtraction: a mixed bf16 - fp32
+                    # x in fp32 (exact), then a same-dtype subtraction: a mixed bf16 - fp32
                     # op takes torch's slow casting path; the result is the same
-                    tmp.copy_(part[id(ref)])
-                    tmp.sub_(acc)
-                    d2 = float(torch.linalg.vector_norm(tmp)) ** 2
-                    lo, hi = torch.aminmax(tmp)
+                    if rid in done:
+                        f = fx[rid]  # (each input is reported once: it may be overwritten)
+                    else:
+                        f = tmp
+                        f.copy_(part[rid])
+                    f.sub_(acc)
+                    d2 = float(torch.linalg.vector_norm(f)) ** 2
+                    lo, hi = torch.aminmax(f)
                     dists.append((name, d2, max(-float(lo), float(hi))))
                 got.append((sq_m, dists))
             return got
@@ -1055,6 +1147,7 @@ def _merge_experts(
             raise MergeError("--weights: the weights must not all be zero")
 
     inputs = [_open_input(n, Path(p)) for n, p in experts]
+    anchor_check = None
     try:
         ref = inputs[0]
         for inp in inputs:
@@ -1064,15 +1157,12 @@ def _merge_experts(
                     f"expert is the 2-expert model that tools/upcycle.py makes (anchor + expert)"
                 )
         _check_same_architecture(ref, inputs[1:])
+        anchor_check = _AnchorCheck(ref, inputs[1:])
         for inp in inputs:
             _check_tensors(inp)
         _check_same_dtypes(ref, inputs[1:])
         vocab = _plan_vocabulary(inputs, ref.cfg.vocab_pad_multiple)
-        buffers = Buffers()
-
-        def checks():  # in _run, while the first computed chunk is computed
-            for inp in inputs[1:]:
-                _check_anchor(ref, inp, buffers)
+        checks = anchor_check.verdict  # in _run, while the first computed chunk is computed
 
         w = [1.0] * len(inputs) if weights is None else [weights[inp.name] for inp in inputs]
         total = sum(w)
@@ -1159,6 +1249,8 @@ def _merge_experts(
             dtype=dtype, print_fn=print_fn, checks=checks,
         )
     finally:
+        if anchor_check is not None:
+            anchor_check.join()  # (it reads the inputs: they are closed after it ends)
         for inp in inputs:
             inp.reader.close()
 
@@ -1212,6 +1304,7 @@ def _upgrade(
     base = _open_input(BASE_NAME, base_dir)
     news = [_open_input(n, Path(p)) for n, p in list(replace) + list(add)]
     inputs = [base] + news
+    anchor_check = None
     try:
         if base.cfg.num_experts != len(names) + 1:
             raise MergeError(
@@ -1222,15 +1315,12 @@ def _upgrade(
                 raise MergeError(f"{inp.name}: {inp.path} has {inp.cfg.num_experts or 'no'} experts; "
                                  f"a domain expert is a 2-expert checkpoint")
         _check_same_architecture(base, news)
+        anchor_check = _AnchorCheck(base, news)
         for inp in inputs:
             _check_tensors(inp)
         _check_same_dtypes(base, news)
         vocab = _plan_vocabulary(inputs, base.cfg.vocab_pad_multiple, keep_rows_of=0)
-        buffers = Buffers()
-
-        def checks():  # in _run, while the first computed chunk is computed
-            for inp in news:
-                _check_anchor(base, inp, buffers)
+        checks = anchor_check.verdict  # in _run, while the first computed chunk is computed
 
         replaced = {n: i + 1 for i, (n, _) in enumerate(replace)}  # name -> index in inputs
         order = list(names) + [n for n, _ in add]
@@ -1322,5 +1412,7 @@ def _upgrade(
             tokenizer_inputs=inputs, vocab=vocab, dtype=dtype, print_fn=print_fn, checks=checks,
         )
     finally:
+        if anchor_check is not None:
+            anchor_check.join()  # (it reads the inputs: they are closed after it ends)
         for inp in inputs:
             inp.reader.close()
