@@ -177,12 +177,15 @@ class Ours:
     name = "megatron_bar"
 
     def __init__(self, cfg, args):
+        import torch
+
         from megatron_bar.model.builder import build_model
         from megatron_bar.train.engine import make_optimizer, wrap_ddp
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.cfg = cfg
-        self.model = build_model(cfg, calculate_per_token_loss=True)
+        # fp32 on every device: the same precision as the reference (bf16 is the GPU default)
+        self.model = build_model(cfg, params_dtype=torch.float32, calculate_per_token_loss=True)
         self.ddp = wrap_ddp(self.model)
         self.optimizer = make_optimizer(
             self.ddp, lr=args.lr, min_lr=args.lr, weight_decay=0.0, clip_grad=1.0,
@@ -219,7 +222,10 @@ class Reference:
     def __init__(self, model, args):
         import torch
 
-        self.model = model
+        from megatron_bar import platform
+
+        self.device = platform.device()  # ours runs there too (megatron_bar.platform)
+        self.model = model.to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                                            weight_decay=0.0)
@@ -230,6 +236,7 @@ class Reference:
         import torch.nn.functional as F
 
         self.optimizer.zero_grad(set_to_none=True)
+        tokens, labels = tokens.to(self.device), labels.to(self.device)
         logits = self.model(input_ids=tokens).logits
         loss = F.cross_entropy(logits.float().reshape(-1, self.vocab), labels.reshape(-1))
         loss.backward()
@@ -282,7 +289,8 @@ def main(argv=None) -> int:
           f"{cfg.num_kv_heads} kv, {n_params / 1e6:.2f} M params (HF count)")
     print(f"batch {args.batch} x seq {args.seq} = {tokens_per_step} tokens/step; "
           f"{args.warmup} warmup + {args.steps} timed steps per side in {args.rounds} "
-          f"alternating blocks; torch threads {threads}; fp32; torch {torch.__version__}")
+          f"alternating blocks; torch threads {threads}; fp32; torch {torch.__version__}; "
+          f"device {platform.device()}")
 
     sides = (ours, reference)
     losses = {s.name: [] for s in sides}
@@ -348,6 +356,7 @@ def main(argv=None) -> int:
         "tokens_per_step": tokens_per_step,
         "timed_steps": args.steps,
         "threads": threads,
+        "device": str(platform.device()),
         "page_faults_per_step": {"ours": so["faults"], "reference": sr["faults"]},
         "first_step_loss_diff": first_diff,
     }
