@@ -271,9 +271,10 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers, keys: Sequence[str]) -> None:
+def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers, keys: Sequence[str],
+                  stop: Callable[[], bool] = lambda: False) -> bool:
     """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit, in the expert
-    tensors ``keys``."""
+    tensors ``keys`` (else a MergeError). ``stop()`` true: give up (returns False)."""
     r0, r1 = ref.reader, inp.reader
     for key in keys:
         shape = r1.shape(key)  # [layers, experts, ...]
@@ -284,6 +285,8 @@ def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers, keys: Sequence[str
             off = (layer, ANCHOR) + (0,) * (len(shape) - 2)
             sz = (1, 1) + shape[2:]
             for _, (boff, bsz) in row_blocks(off, sz, itemsize):
+                if stop():
+                    return False
                 # on the file mappings where the box is one stored run (no copy), else read
                 a = r1.view(key, boff, bsz, hash=False)
                 if a is None:
@@ -304,6 +307,7 @@ def _check_anchor(ref: _Input, inp: _Input, buffers: Buffers, keys: Sequence[str
     # identical bytes: its content hash takes their digests from the reference's. (The
     # check itself hashes nothing: it runs on a thread of its own, see _AnchorCheck.)
     inp.anchor_of = ref
+    return True
 
 
 class _AnchorCheck:
@@ -321,6 +325,7 @@ class _AnchorCheck:
         self.ref, self.others = ref, list(others)
         self.checked: dict[str, list[str]] = {}
         self.error: BaseException | None = None
+        self._stop = False  # the merge failed before the verdict: the check is not needed
         self.thread = threading.Thread(target=self._run, name="merge-anchor-check", daemon=True)
         self.thread.start()
 
@@ -329,7 +334,9 @@ class _AnchorCheck:
         def per_expert(shape):  # [layers, experts, ...] less the number of experts
             return shape[:1] + shape[2:]
 
-        return [k for k in _expert_keys(r1.keys())
+        # (sorted as the model's tensor list is: a failing tensor is the one the check on
+        # the main thread would have named first)
+        return [k for k in _expert_keys(sorted(r1.keys()))
                 if k.startswith("decoder.") and k in r0.tensors and len(r1.shape(k)) > 2
                 and per_expert(r0.shape(k)) == per_expert(r1.shape(k)) and r0.dtype(k) == r1.dtype(k)]
 
@@ -338,10 +345,16 @@ class _AnchorCheck:
         try:
             for inp in self.others:
                 keys = self._keys(inp)
-                _check_anchor(self.ref, inp, buffers, keys)
+                if not _check_anchor(self.ref, inp, buffers, keys, lambda: self._stop):
+                    return
                 self.checked[inp.name] = keys
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by verdict()
             self.error = e
+
+    def stop(self) -> None:
+        """Give up (the merge ends without a verdict) and wait: the inputs are closed next."""
+        self._stop = True
+        self.join()
 
     def join(self) -> None:
         self.thread.join()
@@ -1250,7 +1263,7 @@ def _merge_experts(
         )
     finally:
         if anchor_check is not None:
-            anchor_check.join()  # (it reads the inputs: they are closed after it ends)
+            anchor_check.stop()  # (it reads the inputs: they are closed after it ends)
         for inp in inputs:
             inp.reader.close()
 
@@ -1413,6 +1426,6 @@ def _upgrade(
         )
     finally:
         if anchor_check is not None:
-            anchor_check.join()  # (it reads the inputs: they are closed after it ends)
+            anchor_check.stop()  # (it reads the inputs: they are closed after it ends)
         for inp in inputs:
             inp.reader.close()

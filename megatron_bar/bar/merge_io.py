@@ -1154,9 +1154,6 @@ class _LazySaveStrategy(SaveShardedStrategy):
             storage_writer=_SerialWriter(str(checkpoint_dir), thread_count=1),
             planner=_LazyPlanner(self.fill, self.stored, self.first, dedup_replicated_tensors=False,
                                  flatten_state_dict=False),
-            # one process writes the whole checkpoint: no plan is gathered, pickled and
-            # broadcast through the process group (~0.1 s of the main thread)
-            no_dist=True,
         )
 
 
