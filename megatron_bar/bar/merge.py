@@ -782,6 +782,17 @@ class _Composer:
         # buffer per input and worker, a few MiB whatever the model: pieces are small); past
         # _KEEP_INPUTS inputs, one buffer is reused and each input converted twice.
         keep = len(xs) <= _KEEP_INPUTS
+        # Two inputs that differ (the common merge of two domains, and any segment two
+        # inputs share): both distances come from one difference - with a + b = 1,
+        # x0 - (a x0 + b x1) = b (x0 - x1) and x1 - m = -a (x0 - x1) - which saves three
+        # of the 13 passes over a piece. The mean is bit for bit the general path's; a
+        # distance differs from the general path's (x minus the fp32-rounded mean) by
+        # that rounding only (~1e-7 relative).
+        pair = (not uniform and len(values) == 2 and keep
+                and all(id(ref) in value_ids for _, ref in reported))
+        if pair:
+            (ref0, w0), (ref1, w1) = values
+            other = {id(ref0): w1 / total, id(ref1): w0 / total}
 
         def work(pieces, worker):
             """The mean and the distances of ``pieces``; returns their statistics in order."""
@@ -800,6 +811,25 @@ class _Composer:
                     part, d = xs, dst
                     acc, tmp = acc_buf.view(dst.shape), tmp_buf.view(dst.shape)
                     fx = {rid: b.view(dst.shape) for rid, b in x_bufs.items()}
+                if pair:
+                    # each input read once (from memory: the rest stays in the cache)
+                    f0, f1 = fx[id(ref0)], fx[id(ref1)]
+                    f0.copy_(part[id(ref0)])
+                    f1.copy_(part[id(ref1)])
+                    torch.mul(f0, w0 / total, out=acc)
+                    torch.mul(f1, w1 / total, out=tmp)
+                    acc.add_(tmp)
+                    d.copy_(acc)
+                    if not reported:
+                        continue
+                    sq_m = float(torch.linalg.vector_norm(acc)) ** 2
+                    f0.sub_(f1)
+                    d2 = float(torch.linalg.vector_norm(f0)) ** 2
+                    lo, hi = torch.aminmax(f0)
+                    dmax = max(-float(lo), float(hi))
+                    got.append((sq_m, [(name, other[id(ref)] ** 2 * d2, other[id(ref)] * dmax)
+                                       for name, ref in reported]))
+                    continue
                 done = set()  # inputs whose fp32 piece is in fx
                 if uniform:
                     acc.copy_(part[id(values[0][0])])

@@ -101,6 +101,39 @@ def reference_merge(inputs, weights, merged_keys):
     return ref
 
 
+def reference_divergence(inputs, names, weights, vocab_size):
+    """The divergence report computed directly: per group of shared parameters, each
+    input's relative L2 distance from the fp32 mean and its largest absolute distance
+    (embedding and LM head: the rows of real tokens, not the padding)."""
+    from megatron_bar.bar.merge import _group_of  # (the report's grouping of keys, not its arithmetic)
+
+    total = sum(weights)
+    sq_dist, sq_norm, max_abs = {}, {}, {}
+    for k in inputs[0]:
+        if EXPERT.match(k):
+            continue
+        xs = [x[k][0] if k.endswith("router.weight") else x[k] for x in inputs]  # router: anchor row
+        if k in VOCAB_KEYS:
+            xs = [x[:vocab_size] for x in xs]
+        m = sum(x.double() * (w / total) for x, w in zip(xs, weights))
+        g = _group_of(k)
+        for name, x in zip(names, xs):
+            diff = x.double() - m
+            sq_dist[g, name] = sq_dist.get((g, name), 0.0) + float(diff.square().sum())
+            sq_norm[g, name] = sq_norm.get((g, name), 0.0) + float(m.square().sum())
+            max_abs[g, name] = max(max_abs.get((g, name), 0.0), float(diff.abs().max()))
+    return {g: {"rel_l2_from_merged": {n: (sq_dist[g, n] / sq_norm[g, n]) ** 0.5 for n in names},
+                "max_abs_from_merged": {n: max_abs[g, n] for n in names}}
+            for g in {g for g, _ in sq_dist}}
+
+
+def assert_divergence_is(report, reference):
+    assert set(report) == set(reference)
+    for g, want in reference.items():
+        for field in ("rel_l2_from_merged", "max_abs_from_merged"):
+            assert report[g][field] == pytest.approx(want[field], rel=1e-4, abs=1e-9), (g, field)
+
+
 def assert_nothing_written(out):
     assert not out.exists(), f"{out} was written"
     assert not incomplete_path(out).exists(), "a temporary output was left behind"
@@ -177,6 +210,7 @@ def test_merged_tensors_equal_reference(experts, merged, tmp_path):
     # math moved attention, tool_use did not: both are apart from the mean, math further
     rel = div["attention"]["rel_l2_from_merged"]
     assert rel["math"] > rel["tool_use"] > 0
+    assert_divergence_is(div, reference_divergence(inputs, list(experts), [1, 1, 1], cfg.vocab_size))
     assert manifest["tensors"]["decoder.layers.self_attention.linear_proj.weight"] == "copied"
     assert manifest["tensors"]["decoder.layers.self_attention.linear_qkv.weight"] == "averaged"
 
@@ -205,6 +239,8 @@ def test_weighted_merge(experts, tmp_path):
         assert torch.equal(got[k], ref[k]), k
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["averaging"]["weights"] == {"math": 0.75, "code": 0.25}
+    # two inputs: the report's distances come from their difference (see _Composer._mean)
+    assert_divergence_is(manifest["divergence"], reference_divergence(inputs, ["math", "code"], [3, 1], cfg.vocab_size))
 
 
 def test_dry_run_reports_and_writes_nothing(experts, merged, tmp_path):
