@@ -49,11 +49,11 @@ import torch
 
 from megatron_bar.bar.merge_io import (
     Buffers,
+    ChunkRing,
     CheckpointReader,
     expected_tensors,
     local_slices,
     row_blocks,
-    wait_for_hashes,
     write_checkpoint,
 )
 from megatron_bar.model.config import ConfigError, ModelConfig
@@ -524,12 +524,18 @@ class _GroupStats:
     params: int = 0
     averaged_params: int = 0
     max_abs: dict = field(default_factory=dict)  # input name -> max |x - merged|
-    sq_dist: dict = field(default_factory=dict)  # input name -> sum of squared distances
-    sq_norm: dict = field(default_factory=dict)  # input name -> sum of squared merged values
+    # (where, input name, sum of squared distances, sum of squared merged values) per box:
+    # summed in the order of "where" (key, offsets), so that the report does not depend
+    # on the order in which threads computed the boxes
+    sums: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        rel = {n: (math.sqrt(self.sq_dist[n] / self.sq_norm[n]) if self.sq_norm[n] > 0 else
-                   (0.0 if self.sq_dist[n] == 0 else math.inf)) for n in self.sq_dist}
+        sq_dist, sq_norm = {}, {}
+        for _, name, d2, m2 in sorted(self.sums, key=lambda p: (p[0], p[1])):
+            sq_dist[name] = sq_dist.get(name, 0.0) + d2
+            sq_norm[name] = sq_norm.get(name, 0.0) + m2
+        rel = {n: (math.sqrt(sq_dist[n] / sq_norm[n]) if sq_norm[n] > 0 else
+                   (0.0 if sq_dist[n] == 0 else math.inf)) for n in sq_dist}
         return {
             "tensors": len(self.tensors),
             "params": self.params,
@@ -564,8 +570,8 @@ _KEEP_INPUTS = 8
 class _Composer:
     """Computes any box of any output tensor from the inputs, a block at a time.
 
-    Memory: two output chunks (arenas used in turn, one being written while the next is
-    computed - or, first, computed ahead while the inputs are checked), one block per input
+    Memory: a ring of twice the largest output chunk (:class:`ChunkRing`: the chunks
+    computed ahead of the writer - the first while the inputs are checked), one block per input
     (a read-only mapping of its file where it is one stored run, else a buffer) and two
     fp32 pieces for each of the two threads of the mean - whatever the model size; the
     per-input blocks (4 MiB each) are all that grows with the number of experts.
@@ -580,8 +586,13 @@ class _Composer:
         self.tensor_status: dict[str, str] = {}
         self.out_shapes: dict = {}
         self.buffers = Buffers()
-        self._arena = 0
-        self._prefetch = None  # ((key, offsets, sizes), arena, future) of a chunk computed ahead
+        self.ring = ChunkRing()  # the output chunks computed ahead of the writer
+        self._prefetch = None  # ((key, offsets, sizes), future) of a chunk computed ahead
+        # The chunk computed ahead runs beside the writer's compute thread: its statistics
+        # go to its own sink (a thread-local override of stats / tensor_status) and are
+        # merged when the writer takes the chunk; the lock guards the merge and the sums.
+        self._sink = threading.local()
+        self._stats_lock = threading.Lock()
         self._helper = None  # the second thread of the mean (see _mean)
 
     def prefetch(self, key: str, offsets, sizes) -> None:
@@ -594,30 +605,33 @@ class _Composer:
         from concurrent.futures import Future
 
         ident = (key, tuple(offsets), tuple(sizes))
-        arena = self._arena ^ 1
         fut: Future = Future()
 
         def job():
-            stats, status = self.stats, self.tensor_status
-            self.stats, self.tensor_status = {}, {}  # the chunk's own, merged when it is used
+            self._sink.stats, self._sink.status = {}, {}  # the chunk's own, merged when it is used
             try:
-                out = self.buffers.exact(("out", arena), ident[2], self.out_dtypes[key])
-                wait_for_hashes(out)
+                out = self.ring.take(ident[2], self.out_dtypes[key])
                 self._produce(key, ident[1], ident[2], out)
-                fut.set_result((out, self.stats, self.tensor_status))
+                fut.set_result((out, self._sink.stats, self._sink.status))
             except BaseException as e:
                 fut.set_exception(e)
-            finally:
-                self.stats, self.tensor_status = stats, status
 
-        self._prefetch = (ident, arena, fut)
+        self._prefetch = (ident, fut)
         threading.Thread(target=job, name="merge-prefetch", daemon=True).start()
 
     def drop_prefetch(self) -> None:
         """Wait for a chunk being computed ahead, and drop it (errors included)."""
         pre, self._prefetch = self._prefetch, None
-        if pre is not None:
-            pre[2].exception()
+        if pre is not None and pre[1].exception() is None:
+            self.ring.give(pre[1].result()[0])
+
+    def release(self, chunk: torch.Tensor) -> None:
+        """The writer is done with a chunk :meth:`fill` returned: its memory is free."""
+        self.ring.give(chunk)
+
+    def stop(self) -> None:
+        """The writer has stopped: a :meth:`fill` waiting for memory fails."""
+        self.ring.close()
 
     def close(self) -> None:
         """Drop a chunk computed ahead and stop the helper thread."""
@@ -627,29 +641,30 @@ class _Composer:
             self._helper = None
 
     def _take_prefetch(self, ident):
-        pre, self._prefetch = self._prefetch, None
-        if pre is None:
+        """The chunk computed ahead if it is ``ident`` (waits for it), else None."""
+        pre = self._prefetch
+        if pre is None or pre[0] != ident:
             return None
-        got, arena, fut = pre
-        out, stats, status = fut.result()
-        if got != ident:
-            return None
-        self._arena = arena
+        self._prefetch = None
+        out, stats, status = pre[1].result()
+        with self._stats_lock:
+            self._merge_stats(stats, status)
+        return out
+
+    def _merge_stats(self, stats, status) -> None:
         for group, s in stats.items():
             st = self.stats.setdefault(group, _GroupStats())
             st.tensors |= s.tensors
             st.params += s.params
             st.averaged_params += s.averaged_params
-            for name in s.sq_dist:
-                st.sq_dist[name] = st.sq_dist.get(name, 0.0) + s.sq_dist[name]
-                st.sq_norm[name] = st.sq_norm.get(name, 0.0) + s.sq_norm[name]
-                st.max_abs[name] = max(st.max_abs.get(name, 0.0), s.max_abs[name])
+            st.sums += s.sums
+            for name, v in s.max_abs.items():
+                st.max_abs[name] = max(st.max_abs.get(name, 0.0), v)
         for k, v in status.items():
             if v == "averaged":
                 self.tensor_status[k] = v
             else:
                 self.tensor_status.setdefault(k, v)
-        return out
 
     def prefetch_candidate(self) -> tuple | None:
         """The largest output chunk that is computed (not a stored copy) and that megatron
@@ -675,7 +690,9 @@ class _Composer:
     # "zero".
 
     def fill(self, key: str, offsets, sizes):
-        """The output chunk ``(offsets, sizes)`` of ``key``; valid until the next call.
+        """The output chunk ``(offsets, sizes)`` of ``key``, in memory of :attr:`ring`
+        until :meth:`release` (waits for room there: the writer releases chunks in the
+        order they were filled).
 
         A chunk that is a stored input chunk as it is (an expert) comes back as that
         input's stored archive, for the writer to copy without reading it here."""
@@ -686,12 +703,7 @@ class _Composer:
             out = self._take_prefetch((key, tuple(offsets), tuple(sizes)))
             if out is not None:
                 return out
-        # two arenas in turn: the writer may still be writing the previous chunk
-        self._arena ^= 1
-        out = self.buffers.exact(("out", self._arena), tuple(sizes), self.out_dtypes[key])
-        # the arena may still be hashed from the last chunk's reads; hashing of stored
-        # chunks copied since (read from their files, not from memory) need not finish
-        wait_for_hashes(out)
+        out = self.ring.take(tuple(sizes), self.out_dtypes[key])
         self._produce(key, tuple(offsets), tuple(sizes), out)
         return out
 
@@ -740,10 +752,10 @@ class _Composer:
 
     def _mean(self, key, off, sz, dst, values, reported):
         group = _group_of(key)
-        st = self.stats.setdefault(group, _GroupStats())
-        st.tensors.add(key)
+        stats = getattr(self._sink, "stats", self.stats)
+        status = getattr(self._sink, "status", self.tensor_status)
+        me = threading.get_ident()  # (the chunk computed ahead and the writer's run at once)
         n = dst.numel()
-        st.params += n
         refs = {}
         for ref, _ in values:
             refs[id(ref)] = ref
@@ -756,17 +768,22 @@ class _Composer:
             src_off, src_sz = ref.box(off, sz)
             x = self.inputs[ref.inp].reader.view(key, src_off, src_sz)
             if x is None:
-                buf = self.buffers.get(("in", j), dst.shape, self.inputs[ref.inp].reader.dtype(key))
+                buf = self.buffers.get(("in", me, j), dst.shape, self.inputs[ref.inp].reader.dtype(key))
                 x = self._read(ref, key, off, sz, buf)
             xs[rid] = x.view(dst.shape)
         first = xs[id(values[0][0])]
         same = [len(values) == 1 or _equal(first, xs[id(r)]) for r, _ in values[1:]]
+        with self._stats_lock:
+            st = stats.setdefault(group, _GroupStats())
+            st.tensors.add(key)
+            st.params += n
+            if all(same):
+                status.setdefault(key, "copied")
+            else:
+                st.averaged_params += n
+                status[key] = "averaged"
         if all(same):
             dst.copy_(first)
-            self.tensor_status.setdefault(key, "copied")
-        else:
-            st.averaged_params += n
-            self.tensor_status[key] = "averaged"
         if not n or (all(same) and not reported):
             return
         # The fp32 work goes in pieces that stay in the CPU cache (a 4 MiB bf16 block is
@@ -796,6 +813,7 @@ class _Composer:
 
         def work(pieces, worker):
             """The mean and the distances of ``pieces``; returns their statistics in order."""
+            worker = me if worker == 0 else worker  # (0: the calling thread's own buffers)
             acc_buf = self.buffers.get(("f32", worker, "acc"), (m,), torch.float32)
             tmp_buf = self.buffers.get(("f32", worker, "tmp"), (m,), torch.float32)
             x_bufs = ({rid: self.buffers.get(("f32", worker, j), (m,), torch.float32)
@@ -886,11 +904,20 @@ class _Composer:
             results[0::2], results[1::2] = mine, theirs
         else:
             results = work(pieces, 0)
-        for sq_m, dists in results if reported else ():
+        if not reported:
+            return
+        d2s, m2s = {}, {}
+        dmaxs = {}
+        for sq_m, dists in results:  # (in piece order)
             for name, d2, dmax in dists:
-                st.sq_dist[name] = st.sq_dist.get(name, 0.0) + d2
-                st.sq_norm[name] = st.sq_norm.get(name, 0.0) + sq_m
-                st.max_abs[name] = max(st.max_abs.get(name, 0.0), dmax)
+                d2s[name] = d2s.get(name, 0.0) + d2
+                m2s[name] = m2s.get(name, 0.0) + sq_m
+                dmaxs[name] = max(dmaxs.get(name, 0.0), dmax)
+        where = (key, tuple(off))
+        with self._stats_lock:
+            st.sums += [(where, name, d2s[name], m2s[name]) for name in d2s]
+            for name, v in dmaxs.items():
+                st.max_abs[name] = max(st.max_abs.get(name, 0.0), v)
 
     def _helper_pool(self):
         if self._helper is None:
@@ -1089,7 +1116,9 @@ def _run(
                 composer.survey(key, (0,) * len(shape), shape)
         else:
             with atomic_output_dir(save_dir) as tmp:
-                write_checkpoint(out_cfg, dtype, tmp, composer.fill, composer.stored, first=first)
+                write_checkpoint(out_cfg, dtype, tmp, composer.fill, composer.stored, first=first,
+                                 release=composer.release, stop=composer.stop,
+                                 drop_first=composer.drop_prefetch)
                 write_tokenizer(tmp / TOKENIZER_SUBDIR)
                 for entry in manifest["experts"]:
                     inp = entry.pop("_input", None)

@@ -19,9 +19,10 @@ the writer asks for it (``resolve_data``) and a writer that writes chunks one at
 keeps none. A chunk that is a stored input chunk unchanged is copied as its stored archive.
 The output data file is written with ``O_DIRECT`` where the filesystem takes it (a stored
 archive straight from the input's mapping: no copy into the page cache), else through the
-page cache (``copy_file_range``). Peak memory is two output chunks (the
-one being written, the next one being computed on a thread) plus what the caller needs to
-compute them; reused buffers (:class:`Buffers`) keep it flat.
+page cache (``copy_file_range``). Chunks are computed on a thread ahead of the writer:
+one ahead, or as far as the caller's memory for them lets it (the merge's
+:class:`ChunkRing`, twice the largest chunk); reused buffers (:class:`Buffers`) keep the
+resident size flat.
 """
 
 from __future__ import annotations
@@ -193,6 +194,91 @@ class Buffers:
             return torch.empty(tuple(sizes), dtype=dtype)
         mem = memoryview(self._bufs[name].numpy()).cast("B")[: t.numel() * t.element_size()]
         return torch.frombuffer(mem, dtype=dtype).view(tuple(sizes))
+
+
+class ChunkRing:
+    """Memory for output chunks computed ahead of the writer: one buffer, carved in turn
+    and given back in the same order (the writer writes chunks in the order they are
+    computed), so that many small chunks can be computed ahead as well as one large one.
+
+    Its size is twice the largest chunk asked for (two arenas' worth: the chunk being
+    written and the next one), so memory stays flat whatever the model; it is faulted in
+    once and reused. :meth:`take` waits while the chunk does not fit; :meth:`close` wakes
+    and fails the waiting ones (the writer has stopped)."""
+
+    _ALIGN = 64
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+        self._mem: memoryview | None = None
+        self._live: collections.deque = collections.deque()  # [start, nbytes, given back]
+        self._head = 0  # where the next chunk goes
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def _fits(self, n: int) -> int | None:
+        """Where a chunk of ``n`` bytes goes now, or None (no room yet)."""
+        if not self._live:
+            return 0
+        tail = self._live[0][0]  # the oldest chunk not given back
+        if self._head > tail:  # live chunks in one run [tail, head): room after, or at 0
+            if self._head + n <= len(self._mem):
+                return self._head
+            return 0 if n <= tail else None
+        return self._head if self._head + n <= tail else None  # wrapped: room in [head, tail)
+
+    def take(self, sizes, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``sizes`` whose storage is exactly its bytes (``torch.save`` writes
+        the whole storage); waits for room."""
+        n = math.prod(sizes) * torch.empty((), dtype=dtype).element_size()
+        if n == 0:
+            return torch.empty(tuple(sizes), dtype=dtype)
+        need = -(-n // self._ALIGN) * self._ALIGN
+        with self._cv:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the checkpoint writer has stopped")
+                if self._mem is None or 2 * need > len(self._mem):
+                    if not self._live:  # (re)sized while empty: twice the largest chunk yet
+                        wait_for_hashes(memory_only=True)
+                        self._buf = torch.empty(2 * need, dtype=torch.uint8)
+                        self._mem = memoryview(self._buf.numpy()).cast("B")
+                        self._head = 0
+                        continue
+                else:
+                    at = self._fits(need)
+                    if at is not None:
+                        break
+                self._cv.wait()
+            self._live.append([at, need, False])
+            self._head = at + need
+        t = torch.frombuffer(self._mem[at:at + n], dtype=dtype).view(tuple(sizes))
+        # the memory may still be hashed from reads into the chunk it held before
+        wait_for_hashes(t)
+        return t
+
+    def give(self, t: torch.Tensor) -> None:
+        """Give back a chunk from :meth:`take` (no-op for any other tensor)."""
+        if self._mem is None or not t.numel():
+            return
+        at = t.data_ptr() - self._buf.data_ptr()
+        with self._cv:
+            for region in self._live:
+                if region[0] == at:
+                    region[2] = True
+                    break
+            else:
+                return
+            while self._live and self._live[0][2]:
+                self._live.popleft()
+            if not self._live:
+                self._head = 0
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -854,11 +940,14 @@ class _LazyPlanner(MCoreSavePlanner):
     return for that chunk, or None - asked without computing anything, so that the writer
     can copy stored chunks while computed ones are being computed."""
 
-    def __init__(self, fill, stored=None, first=None, **kwargs):
+    def __init__(self, fill, stored=None, first=None, release=None, stop=None, drop_first=None, **kwargs):
         super().__init__(**kwargs)
         self._fill = fill
         self._stored = stored
         self.first = first  # (key, offsets, sizes) of the computed chunk to write first, or None
+        self.drop_first = drop_first  # drop_first(): ``first`` is not in the plan
+        self.release = release  # release(chunk): the writer is done with a chunk from fill
+        self.stop = stop  # stop(): the writer has stopped; wake a fill waiting for memory
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
@@ -1074,21 +1163,15 @@ class _SerialWriter(FileSystemWriter):
         copies.reverse()  # popped from the end, in plan order
         if copies:
             # The largest computed chunks first (the embedding, the LM head): they are
-            # computed while the writer has copies to make. Large and small in turn, so
-            # that the large ones take the same one of the producer's two output arenas
-            # (see _Composer.fill) and only that one grows to their size.
+            # computed while the writer has copies to make.
             tensors = [i for i in computed if i.type != WriteItemType.BYTE_IO]
             tensors.sort(key=lambda wi: -math.prod(wi.tensor_data.chunk.sizes))
-            turns = []
-            while tensors:
-                turns.append(tensors.pop(0))
-                if tensors:
-                    turns.append(tensors.pop())
-            computed = [i for i in computed if i.type == WriteItemType.BYTE_IO] + turns
+            computed = [i for i in computed if i.type == WriteItemType.BYTE_IO] + tensors
         first = getattr(planner, "first", None)
+        first_item = None
         if first is not None:
             # the chunk being computed ahead (see write_checkpoint) goes first, in the place
-            # of the first tensor (the largest: it takes that one's arena)
+            # of the first tensor
             key, offsets, sizes = first
             at = [j for j, i in enumerate(computed) if i.type != WriteItemType.BYTE_IO]
             hit = [j for j in at if computed[j].index.fqn == key
@@ -1096,30 +1179,72 @@ class _SerialWriter(FileSystemWriter):
                    and tuple(computed[j].tensor_data.chunk.sizes) == tuple(sizes)]
             if hit:
                 computed[at[0]], computed[hit[0]] = computed[hit[0]], computed[at[0]]
+                first_item = computed[at[0]]
+            elif getattr(planner, "drop_first", None) is not None:
+                planner.drop_first()  # not in this plan: its memory is given back
         results = []
-        # Computed item i+1 is computed on a thread while item i is written: the arithmetic
-        # and the reads overlap the writes (both release the GIL). The producer keeps two
-        # output arenas (see _Composer.fill), so peak memory grows by one chunk, not with K.
-        from concurrent.futures import ThreadPoolExecutor
+        # The computed items are computed in order on a thread while the writer writes:
+        # the arithmetic and the reads overlap the writes and copies (both release the
+        # GIL). With a ``release`` (the merge's ChunkRing), the thread runs ahead as far
+        # as the ring's memory lets it; without one, one item ahead of the writer.
+        import queue
 
-        with ThreadPoolExecutor(1, thread_name_prefix="merge-compute") as pool, _OutputFile(path) as out:
-            nxt = 0
-            ahead = None
-            if computed:
-                ahead, nxt = pool.submit(planner.resolve_data, computed[0]), 1
-            while ahead is not None or copies:
-                if copies and (ahead is None or not ahead.done()):
-                    item, data = copies.pop()
-                else:
-                    item, data = computed[nxt - 1], ahead.result()
-                    ahead = None
-                    if nxt < len(computed):
-                        ahead, nxt = pool.submit(planner.resolve_data, computed[nxt]), nxt + 1
-                if isinstance(data, StoredBlob):
-                    offset, length = out.copy_blob(data)
-                    results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                               storage_data=_StorageInfo(file_name, offset, length)))
-                else:
+        release = getattr(planner, "release", None)
+        ready: queue.Queue = queue.Queue()
+        ahead = threading.Semaphore(len(computed) + 1 if release else 1)
+        stop = threading.Event()
+
+        def hand_over(item):
+            try:
+                ready.put((item, planner.resolve_data(item), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the writer
+                ready.put((None, None, e))
+
+        threads = []
+
+        def produce():
+            try:
+                for item in computed:
+                    ahead.acquire()
+                    if stop.is_set():
+                        return
+                    if item is first_item and release is not None:
+                        # being computed ahead: handed over when done, on a thread of its
+                        # own, while this one goes on with the next items
+                        t = threading.Thread(target=hand_over, args=(item,), name="merge-first", daemon=True)
+                        threads.append(t)
+                        t.start()
+                        continue
+                    ready.put((item, planner.resolve_data(item), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the writer
+                ready.put((None, None, e))
+
+        producer = threading.Thread(target=produce, name="merge-compute", daemon=True)
+        producer.start()
+        try:
+            with _OutputFile(path) as out:
+                written = 0
+                while written < len(computed) or copies:
+                    try:
+                        item, data, error = ready.get_nowait()
+                    except queue.Empty:
+                        if copies:  # nothing computed yet: a copy meanwhile
+                            item, blob = copies.pop()
+                            offset, length = out.copy_blob(blob)
+                            results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                                       storage_data=_StorageInfo(file_name, offset, length)))
+                            continue
+                        item, data, error = ready.get()
+                    if error is not None:
+                        raise error
+                    ahead.release()
+                    written += 1
+                    if isinstance(data, StoredBlob):
+                        offset, length = out.copy_blob(data)
+                        results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                                   storage_data=_StorageInfo(file_name, offset, length)))
+                        continue
+                    chunk = data
                     if item.type != WriteItemType.BYTE_IO:
                         data = data.detach().contiguous()
                         if data.untyped_storage().nbytes() != data.nbytes:
@@ -1127,7 +1252,20 @@ class _SerialWriter(FileSystemWriter):
                     results.append(_write_item(self.transforms, out, data, item, file_name,
                                                self.serialization_format))
                     del data
-            out.finish(sync=self.sync_files)
+                    if release is not None and item.type != WriteItemType.BYTE_IO:
+                        release(chunk)
+                    del chunk
+                out.finish(sync=self.sync_files)
+        finally:
+            stop.set()
+            for _ in range(len(computed) + 1):  # (wakes the producer wherever it waits)
+                ahead.release()
+            closing = getattr(planner, "stop", None)
+            if closing is not None:
+                closing()
+            producer.join()
+            for t in threads:
+                t.join()
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(results)
         return fut
@@ -1136,11 +1274,16 @@ class _SerialWriter(FileSystemWriter):
 class _LazySaveStrategy(SaveShardedStrategy):
     """torch_dist format (what megatron's default strategy writes), computed lazily."""
 
-    def __init__(self, fill: Callable, stored: Callable | None = None, first: tuple | None = None):
+    def __init__(self, fill: Callable, stored: Callable | None = None, first: tuple | None = None,
+                 release: Callable | None = None, stop: Callable | None = None,
+                 drop_first: Callable | None = None):
         super().__init__("torch_dist", 1)
+        self.drop_first = drop_first
         self.fill = fill
         self.stored = stored
         self.first = first
+        self.release = release
+        self.stop = stop
 
     @property
     def can_handle_sharded_objects(self):
@@ -1152,13 +1295,15 @@ class _LazySaveStrategy(SaveShardedStrategy):
         dcp_save(
             pyt_state_dict,
             storage_writer=_SerialWriter(str(checkpoint_dir), thread_count=1),
-            planner=_LazyPlanner(self.fill, self.stored, self.first, dedup_replicated_tensors=False,
-                                 flatten_state_dict=False),
+            planner=_LazyPlanner(self.fill, self.stored, self.first, self.release, self.stop, self.drop_first,
+                                 dedup_replicated_tensors=False, flatten_state_dict=False),
         )
 
 
 def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable,
-                     stored: Callable | None = None, first: tuple | None = None) -> None:
+                     stored: Callable | None = None, first: tuple | None = None,
+                     release: Callable | None = None, stop: Callable | None = None,
+                     drop_first: Callable | None = None) -> None:
     """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``.
 
     ``fill(key, offsets, sizes)`` returns each stored chunk (a tensor of ``sizes``, in the
@@ -1169,7 +1314,27 @@ def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill
     copied while ``fill`` computes the others, and ``fill`` is not asked for them.
     ``first`` (optional): ``(key, offsets, sizes)`` of a computed chunk that ``fill`` is
     already computing ahead; it is asked for first among the tensors.
+    ``release(chunk)`` (optional): the writer is done with a chunk ``fill`` returned. With
+    it, ``fill`` is called ahead of the writer as far as ``fill`` lets it (it bounds the
+    memory, waiting inside until chunks are released); without it, ``fill`` computes one
+    chunk while the writer writes the one before, and each chunk is dropped once written.
+    ``stop()`` (optional): the writer has stopped - a ``fill`` waiting for memory should
+    give up. ``drop_first()`` (optional): ``first`` is not a chunk of this checkpoint.
+    With ``release``, ``fill`` of ``first`` is called on a thread of its own (it waits for
+    the chunk computed ahead) while the other chunks are filled in turn: ``fill`` must be
+    safe to call from two threads at once.
     """
     sharded = meta_model(cfg, dtype).sharded_state_dict()
-    dist_checkpointing.save(sharded, str(directory), sharded_strategy=_LazySaveStrategy(fill, stored, first))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dist_checkpointing.save(sharded, str(directory),
+                                sharded_strategy=_LazySaveStrategy(fill, stored, first, release, stop, drop_first))
+    except CheckpointException as e:
+        # torch.distributed.checkpoint wraps what failed (a full disk, a bad input chunk)
+        # with its rank's traceback; the error itself is what the caller can act on
+        inner = [f[0] for f in e.failures.values() if isinstance(f, tuple) and f and isinstance(f[0], BaseException)]
+        if not inner:
+            raise
+        raise inner[0] from e
     cfg.save(directory)

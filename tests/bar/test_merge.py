@@ -301,6 +301,120 @@ def test_output_file_ways_of_writing_give_the_same_checkpoint(experts, merged, t
     assert state(out).keys() == state(merged).keys()  # megatron loads it
 
 
+def test_chunk_ring_keeps_live_chunks_apart_and_waits_for_room():
+    """The merge's chunks computed ahead of the writer share one ring buffer: a chunk
+    taken is never overlapped by a later one until it is given back (in any order), a
+    take waits for room, the ring grows to twice a larger chunk once empty, and close()
+    fails a waiting take."""
+    import queue
+    import random
+    import threading
+
+    from megatron_bar.bar.merge_io import ChunkRing
+
+    ring = ChunkRing()
+    rng = random.Random(0)
+    handed: queue.Queue = queue.Queue(maxsize=64)
+
+    def producer():
+        for i in range(1500):
+            n = rng.choice([1, 7, 64, 300, 1000, 4096]) if i < 1200 else 20000  # then it grows
+            t = ring.take((n,), torch.int32)
+            t.fill_(i)
+            handed.put((i, t))
+        handed.put(None)
+
+    th = threading.Thread(target=producer, daemon=True)
+    th.start()
+    held, grew = [], False
+    while True:
+        try:
+            got = handed.get(timeout=0.002 if held else 10)
+        except queue.Empty:  # the producer waits for room: the oldest back
+            assert held, "the producer is stuck with nothing held"
+            i, t = held.pop(0)
+            assert bool((t == i).all()), f"chunk {i} was overwritten while held"
+            ring.give(t)
+            continue
+        if got is None:
+            break
+        held.append(got)
+        grew = grew or got[1].numel() == 20000
+        if len(held) > rng.randrange(1, 40):  # give back the oldest, or one at random
+            i, t = held.pop(0 if rng.random() < 0.8 else rng.randrange(len(held)))
+            assert bool((t == i).all()), f"chunk {i} was overwritten while held"
+            ring.give(t)
+    for i, t in held:
+        assert bool((t == i).all()), f"chunk {i} was overwritten while held"
+        ring.give(t)
+    th.join(timeout=60)
+    assert grew and not th.is_alive()
+
+    # a take that does not fit waits; close() fails it (a fresh ring: twice 10000 values)
+    ring = ChunkRing()
+    a = ring.take((10000,), torch.int32)
+    ring.take((10000,), torch.int32)
+    errors = []
+    waiter = threading.Thread(target=lambda: errors.append(_raises(lambda: ring.take((10000,), torch.int32))))
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive(), "a take with no room did not wait"
+    ring.give(a)  # the oldest back: room for it
+    waiter.join(timeout=60)
+    assert errors == [None]
+    blocked = threading.Thread(target=lambda: errors.append(_raises(lambda: ring.take((10000,), torch.int32))))
+    blocked.start()
+    blocked.join(timeout=0.5)
+    ring.close()
+    blocked.join(timeout=60)
+    assert isinstance(errors[-1], RuntimeError) and not blocked.is_alive()
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - returned to the test
+        return e
+    return None
+
+
+def test_write_failure_stops_the_compute_thread_and_writes_nothing(experts, tmp_path, monkeypatch):
+    """The output disk fails mid-merge: the error comes out, the thread computing ahead
+    (possibly waiting for ring memory) stops, and no output is left."""
+    import threading
+
+    from megatron_bar.bar import merge_io
+
+    calls = []
+    real = merge_io._OutputFile.copy_blob
+
+    def failing(self, blob):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, blob)
+
+    monkeypatch.setattr(merge_io._OutputFile, "copy_blob", failing)
+    out = tmp_path / "out"
+    errors = []
+    def target():
+        try:
+            merge_experts(list(experts.items()), out, **QUIET)
+            errors.append(None)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    run = threading.Thread(target=target)
+    run.start()
+    run.join(timeout=300)
+    assert not run.is_alive(), "the merge hung after the write failed"
+    assert len(calls) >= 3 and len(errors) == 1, (calls, errors)
+    assert isinstance(errors[0], OSError) and "No space left" in str(errors[0])
+    assert_nothing_written(out)
+    assert not [t for t in threading.enumerate() if t.name.startswith("merge-") and t.name != "merge-mean_0"
+                and not t.name.startswith("merge-hash")], "a merge thread is still running"
+
+
 def test_routed_to_one_expert_gives_that_experts_logits(mcore_dense_dir, tmp_path):
     """Identical shared parameters: the merged model, top-1 and routed to expert j, computes
     exactly what domain j's own 2-expert model computes routed to its expert 1."""
