@@ -570,7 +570,7 @@ _KEEP_INPUTS = 8
 class _Composer:
     """Computes any box of any output tensor from the inputs, a block at a time.
 
-    Memory: a ring of twice the largest output chunk (:class:`ChunkRing`: the chunks
+    Memory: a ring of 1.5 times the largest output chunk (:class:`ChunkRing`: the chunks
     computed ahead of the writer - the first while the inputs are checked), one block per input
     (a read-only mapping of its file where it is one stored run, else a buffer) and two
     fp32 pieces for each of the two threads of the mean - whatever the model size; the

@@ -304,8 +304,8 @@ def test_output_file_ways_of_writing_give_the_same_checkpoint(experts, merged, t
 def test_chunk_ring_keeps_live_chunks_apart_and_waits_for_room():
     """The merge's chunks computed ahead of the writer share one ring buffer: a chunk
     taken is never overlapped by a later one until it is given back (in any order), a
-    take waits for room, the ring grows to twice a larger chunk once empty, and close()
-    fails a waiting take."""
+    take waits for room, the ring grows for a larger chunk once empty, and close() fails
+    a waiting take."""
     import queue
     import random
     import threading
@@ -350,10 +350,10 @@ def test_chunk_ring_keeps_live_chunks_apart_and_waits_for_room():
     th.join(timeout=60)
     assert grew and not th.is_alive()
 
-    # a take that does not fit waits; close() fails it (a fresh ring: twice 10000 values)
+    # a take that does not fit waits; close() fails it (a fresh ring: 1.5 x 10000 values)
     ring = ChunkRing()
     a = ring.take((10000,), torch.int32)
-    ring.take((10000,), torch.int32)
+    ring.take((2000,), torch.int32)
     errors = []
     waiter = threading.Thread(target=lambda: errors.append(_raises(lambda: ring.take((10000,), torch.int32))))
     waiter.start()
