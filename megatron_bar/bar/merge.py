@@ -920,11 +920,12 @@ class _Composer:
                 st.max_abs[name] = max(st.max_abs.get(name, 0.0), v)
 
     def _helper_pool(self):
-        if self._helper is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with self._stats_lock:  # (the chunk computed ahead and the writer's may ask at once)
+            if self._helper is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="merge-mean")
-        return self._helper
+                self._helper = ThreadPoolExecutor(1, thread_name_prefix="merge-mean")
+            return self._helper
 
 
 def _split_axis(axis: int, per_index: Callable):
