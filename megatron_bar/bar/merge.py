@@ -590,9 +590,10 @@ class _Composer:
         self._prefetch = None  # ((key, offsets, sizes), future) of a chunk computed ahead
         # The chunk computed ahead runs beside the writer's compute thread: its statistics
         # go to its own sink (a thread-local override of stats / tensor_status) and are
-        # merged when the writer takes the chunk; the lock guards the merge and the sums.
+        # merged when the writer takes the chunk. The lock guards what both threads touch:
+        # the statistics and the creation of the helper pool.
         self._sink = threading.local()
-        self._stats_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._helper = None  # the second thread of the mean (see _mean)
 
     def prefetch(self, key: str, offsets, sizes) -> None:
@@ -601,7 +602,6 @@ class _Composer:
         the inputs are checked and the save is planned. Nothing is written; :meth:`fill`
         of that chunk returns it (any other fill first waits for it and drops it, and its
         statistics with it)."""
-        import threading
         from concurrent.futures import Future
 
         ident = (key, tuple(offsets), tuple(sizes))
@@ -647,7 +647,7 @@ class _Composer:
             return None
         self._prefetch = None
         out, stats, status = pre[1].result()
-        with self._stats_lock:
+        with self._lock:
             self._merge_stats(stats, status)
         return out
 
@@ -691,8 +691,8 @@ class _Composer:
 
     def fill(self, key: str, offsets, sizes):
         """The output chunk ``(offsets, sizes)`` of ``key``, in memory of :attr:`ring`
-        until :meth:`release` (waits for room there: the writer releases chunks in the
-        order they were filled).
+        until :meth:`release` (waits for room there). Safe beside the thread that hands
+        over the chunk computed ahead (:meth:`prefetch`).
 
         A chunk that is a stored input chunk as it is (an expert) comes back as that
         input's stored archive, for the writer to copy without reading it here."""
@@ -773,7 +773,7 @@ class _Composer:
             xs[rid] = x.view(dst.shape)
         first = xs[id(values[0][0])]
         same = [len(values) == 1 or _equal(first, xs[id(r)]) for r, _ in values[1:]]
-        with self._stats_lock:
+        with self._lock:
             st = stats.setdefault(group, _GroupStats())
             st.tensors.add(key)
             st.params += n
@@ -914,13 +914,13 @@ class _Composer:
                 m2s[name] = m2s.get(name, 0.0) + sq_m
                 dmaxs[name] = max(dmaxs.get(name, 0.0), dmax)
         where = (key, tuple(off))
-        with self._stats_lock:
+        with self._lock:
             st.sums += [(where, name, d2s[name], m2s[name]) for name in d2s]
             for name, v in dmaxs.items():
                 st.max_abs[name] = max(st.max_abs.get(name, 0.0), v)
 
     def _helper_pool(self):
-        with self._stats_lock:  # (the chunk computed ahead and the writer's may ask at once)
+        with self._lock:  # (the chunk computed ahead and the writer's may ask at once)
             if self._helper is None:
                 from concurrent.futures import ThreadPoolExecutor
 

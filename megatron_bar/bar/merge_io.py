@@ -186,20 +186,12 @@ class Buffers:
             buf = self._bufs[name] = torch.empty(max(n, 1), dtype=torch.uint8)
         return buf[:n].view(dtype).view(tuple(sizes))
 
-    def exact(self, name, sizes, dtype: torch.dtype) -> torch.Tensor:
-        """Like :meth:`get`, but the tensor's storage is exactly its bytes (what
-        ``torch.save`` writes is the whole storage)."""
-        t = self.get(name, sizes, dtype)
-        if t.numel() == 0:
-            return torch.empty(tuple(sizes), dtype=dtype)
-        mem = memoryview(self._bufs[name].numpy()).cast("B")[: t.numel() * t.element_size()]
-        return torch.frombuffer(mem, dtype=dtype).view(tuple(sizes))
-
 
 class ChunkRing:
-    """Memory for output chunks computed ahead of the writer: one buffer, carved in turn
-    and given back in the same order (the writer writes chunks in the order they are
-    computed), so that many small chunks can be computed ahead as well as one large one.
+    """Memory for output chunks computed ahead of the writer: one buffer, carved in turn,
+    so that many small chunks can be computed ahead as well as one large one. Chunks may
+    be given back in any order; their room is reused once every older chunk is back too
+    (the writer writes chunks mostly in the order they were taken).
 
     Its size is 1.5 times the largest chunk asked for - the largest chunk and room for
     smaller ones beside it (measured: as fast as twice, and 1.25 times is slower) - so
@@ -1224,6 +1216,11 @@ class _SerialWriter(FileSystemWriter):
             except BaseException as e:  # noqa: BLE001 - handed to the writer
                 ready.put((None, None, e))
 
+        def copy(out, item, blob):
+            offset, length = out.copy_blob(blob)
+            results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                       storage_data=_StorageInfo(file_name, offset, length)))
+
         producer = threading.Thread(target=produce, name="merge-compute", daemon=True)
         producer.start()
         try:
@@ -1234,10 +1231,7 @@ class _SerialWriter(FileSystemWriter):
                         item, data, error = ready.get_nowait()
                     except queue.Empty:
                         if copies:  # nothing computed yet: a copy meanwhile
-                            item, blob = copies.pop()
-                            offset, length = out.copy_blob(blob)
-                            results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                                       storage_data=_StorageInfo(file_name, offset, length)))
+                            copy(out, *copies.pop())
                             continue
                         item, data, error = ready.get()
                     if error is not None:
@@ -1245,9 +1239,7 @@ class _SerialWriter(FileSystemWriter):
                     ahead.release()
                     written += 1
                     if isinstance(data, StoredBlob):
-                        offset, length = out.copy_blob(data)
-                        results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                                   storage_data=_StorageInfo(file_name, offset, length)))
+                        copy(out, item, data)
                         continue
                     chunk = data
                     if item.type != WriteItemType.BYTE_IO:
