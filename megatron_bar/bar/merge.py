@@ -50,6 +50,7 @@ import torch
 from megatron_bar.bar.merge_io import (
     Buffers,
     ChunkRing,
+    ChunkSource,
     CheckpointReader,
     expected_tensors,
     local_slices,
@@ -567,7 +568,7 @@ _PIECE = 1 << 19
 _KEEP_INPUTS = 8
 
 
-class _Composer:
+class _Composer(ChunkSource):
     """Computes any box of any output tensor from the inputs, a block at a time.
 
     Memory: a ring of 1.5 times the largest output chunk (:class:`ChunkRing`: the chunks
@@ -596,12 +597,19 @@ class _Composer:
         self._lock = threading.Lock()
         self._helper = None  # the second thread of the mean (see _mean)
 
+    # (ChunkSource) fill may run ahead of the writer: the ring bounds it
+    computes_ahead = True
+
+    @property
+    def first(self) -> tuple | None:
+        """(ChunkSource) ``(key, offsets, sizes)`` of the chunk being computed ahead."""
+        return self._prefetch[0] if self._prefetch is not None else None
+
     def prefetch(self, key: str, offsets, sizes) -> None:
-        """Start computing output chunk ``(offsets, sizes)`` of ``key`` on a thread now, into
-        the arena the next :meth:`fill` takes: the largest computed chunk is computed while
-        the inputs are checked and the save is planned. Nothing is written; :meth:`fill`
-        of that chunk returns it (any other fill first waits for it and drops it, and its
-        statistics with it)."""
+        """Start computing output chunk ``(offsets, sizes)`` of ``key`` on a thread now, in
+        the ring: the largest computed chunk is computed while the inputs are checked and
+        the save is planned. Nothing is written; :meth:`fill` of that chunk returns it
+        (:meth:`drop_prefetch` gives it back unused)."""
         from concurrent.futures import Future
 
         ident = (key, tuple(offsets), tuple(sizes))
@@ -625,12 +633,15 @@ class _Composer:
         if pre is not None and pre[1].exception() is None:
             self.ring.give(pre[1].result()[0])
 
+    drop_first = drop_prefetch  # (ChunkSource) the chunk computed ahead is not in the plan
+
     def release(self, chunk: torch.Tensor) -> None:
-        """The writer is done with a chunk :meth:`fill` returned: its memory is free."""
+        """(ChunkSource) The writer is done with a chunk :meth:`fill` returned: its memory
+        is free."""
         self.ring.give(chunk)
 
     def stop(self) -> None:
-        """The writer has stopped: a :meth:`fill` waiting for memory fails."""
+        """(ChunkSource) The writer has stopped: a :meth:`fill` waiting for memory fails."""
         self.ring.close()
 
     def close(self) -> None:
@@ -1093,9 +1104,9 @@ def _run(
     composer.out_shapes = shapes
     # The largest computed chunk (the embedding's mean) is computed while the anchor is
     # checked and the save is planned - in memory: nothing is written before the checks pass.
-    first = None if dry_run else composer.prefetch_candidate()
-    if first is not None:
-        composer.prefetch(*first)
+    ahead = None if dry_run else composer.prefetch_candidate()
+    if ahead is not None:
+        composer.prefetch(*ahead)
     try:
         checks()
         ignored = [f"{inp.name}: {inp.ignored}" for inp in inputs if inp.ignored]
@@ -1117,9 +1128,7 @@ def _run(
                 composer.survey(key, (0,) * len(shape), shape)
         else:
             with atomic_output_dir(save_dir) as tmp:
-                write_checkpoint(out_cfg, dtype, tmp, composer.fill, composer.stored, first=first,
-                                 release=composer.release, stop=composer.stop,
-                                 drop_first=composer.drop_prefetch)
+                write_checkpoint(out_cfg, dtype, tmp, composer)
                 write_tokenizer(tmp / TOKENIZER_SUBDIR)
                 for entry in manifest["experts"]:
                     inp = entry.pop("_input", None)

@@ -930,33 +930,70 @@ class StoredBlob:
         return c.blob_length
 
 
+class ChunkSource:
+    """Where :func:`write_checkpoint` gets the chunks it writes.
+
+    :meth:`fill` is all a source must have (a plain function ``fill(key, offsets, sizes)``
+    is wrapped in one); the rest lets a source that copies stored chunks, computes a chunk
+    ahead and bounds its own memory (the merge's composer) say so:
+
+    * :meth:`stored`: the :class:`StoredBlob` that ``fill`` would return for a chunk, or
+      None - asked without computing anything, so that stored chunks are copied while
+      computed ones are being computed (and ``fill`` is not asked for them);
+    * :attr:`first`: ``(key, offsets, sizes)`` of a chunk already being computed ahead: it
+      is asked for first among the tensors (:meth:`drop_first` if it is not in the plan);
+    * :attr:`computes_ahead`: ``fill`` may be called ahead of the writer as far as it lets
+      it (it bounds the memory, waiting inside until chunks are :meth:`release`\ d), and
+      ``fill`` of :attr:`first` on a thread of its own beside the others - so ``fill``
+      must be safe from two threads. Otherwise one chunk is filled while the one before is
+      written, and each is dropped once written;
+    * :meth:`stop`: the writer has stopped - a ``fill`` waiting for memory should give up.
+    """
+
+    first: tuple | None = None
+    computes_ahead = False
+
+    def fill(self, key: str, offsets, sizes):
+        """Chunk ``(offsets, sizes)`` of ``key`` (global coordinates): a tensor of ``sizes``
+        or a :class:`StoredBlob` of an input holding exactly that chunk."""
+        raise NotImplementedError
+
+    def stored(self, key: str, offsets, sizes) -> "StoredBlob | None":
+        return None
+
+    def release(self, chunk: torch.Tensor) -> None:
+        """The writer is done with a chunk :meth:`fill` returned."""
+
+    def stop(self) -> None:
+        """The writer has stopped."""
+
+    def drop_first(self) -> None:
+        """:attr:`first` is not a chunk of this checkpoint."""
+
+
+class _FillFunction(ChunkSource):
+    def __init__(self, fill: Callable):
+        self.fill = fill
+
+
 class _LazyPlanner(MCoreSavePlanner):
-    """megatron's save planner, except that tensor data comes from ``fill(key, offsets, sizes)``.
+    """megatron's save planner, except that tensor data comes from a :class:`ChunkSource`."""
 
-    ``stored(key, offsets, sizes)`` (optional): the :class:`StoredBlob` that ``fill`` would
-    return for that chunk, or None - asked without computing anything, so that the writer
-    can copy stored chunks while computed ones are being computed."""
-
-    def __init__(self, fill, stored=None, first=None, release=None, stop=None, drop_first=None, **kwargs):
+    def __init__(self, source: ChunkSource, **kwargs):
         super().__init__(**kwargs)
-        self._fill = fill
-        self._stored = stored
-        self.first = first  # (key, offsets, sizes) of the computed chunk to write first, or None
-        self.drop_first = drop_first  # drop_first(): ``first`` is not in the plan
-        self.release = release  # release(chunk): the writer is done with a chunk from fill
-        self.stop = stop  # stop(): the writer has stopped; wake a fill waiting for memory
+        self.source = source
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
         chunk = write_item.tensor_data.chunk
-        return self._fill(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
+        return self.source.fill(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
 
     def stored_data(self, write_item) -> "StoredBlob | None":
-        if self._stored is None or write_item.type == WriteItemType.BYTE_IO:
+        if write_item.type == WriteItemType.BYTE_IO:
             return None
         chunk = write_item.tensor_data.chunk
-        return self._stored(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
+        return self.source.stored(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
 
 
 def _sync_file_range():
@@ -1149,7 +1186,8 @@ class _SerialWriter(FileSystemWriter):
         # Stored chunks (copied as they are) need no computing: they are copied while the
         # compute thread works on the next computed item, so that a long computation (the
         # mean of an embedding) does not leave the writer idle.
-        stored_of = getattr(planner, "stored_data", lambda item: None)
+        source: ChunkSource = planner.source
+        stored_of = planner.stored_data
         computed, copies = [], []
         for item in items:
             blob = stored_of(item)
@@ -1164,7 +1202,7 @@ class _SerialWriter(FileSystemWriter):
             tensors = [i for i in computed if i.type != WriteItemType.BYTE_IO]
             tensors.sort(key=lambda wi: -math.prod(wi.tensor_data.chunk.sizes))
             computed = [i for i in computed if i.type == WriteItemType.BYTE_IO] + tensors
-        first = getattr(planner, "first", None)
+        first = source.first
         first_item = None
         if first is not None:
             # the chunk being computed ahead (see write_checkpoint) goes first, in the place
@@ -1177,18 +1215,17 @@ class _SerialWriter(FileSystemWriter):
             if hit:
                 computed[at[0]], computed[hit[0]] = computed[hit[0]], computed[at[0]]
                 first_item = computed[at[0]]
-            elif getattr(planner, "drop_first", None) is not None:
-                planner.drop_first()  # not in this plan: its memory is given back
+            else:
+                source.drop_first()  # not in this plan: its memory is given back
         results = []
         # The computed items are computed in order on a thread while the writer writes:
         # the arithmetic and the reads overlap the writes and copies (both release the
-        # GIL). With a ``release`` (the merge's ChunkRing), the thread runs ahead as far
-        # as the ring's memory lets it; without one, one item ahead of the writer.
+        # GIL). A source that computes ahead (the merge's, in its ChunkRing) is asked as far
+        # ahead as its memory lets it; any other one item ahead of the writer.
         import queue
 
-        release = getattr(planner, "release", None)
         ready: queue.Queue = queue.Queue()
-        ahead = threading.Semaphore(len(computed) + 1 if release else 1)
+        ahead = threading.Semaphore(len(computed) + 1 if source.computes_ahead else 1)
         stop = threading.Event()
 
         def hand_over(item):
@@ -1205,7 +1242,7 @@ class _SerialWriter(FileSystemWriter):
                     ahead.acquire()
                     if stop.is_set():
                         return
-                    if item is first_item and release is not None:
+                    if item is first_item and source.computes_ahead:
                         # being computed ahead: handed over when done, on a thread of its
                         # own, while this one goes on with the next items
                         t = threading.Thread(target=hand_over, args=(item,), name="merge-first", daemon=True)
@@ -1249,17 +1286,15 @@ class _SerialWriter(FileSystemWriter):
                     results.append(_write_item(self.transforms, out, data, item, file_name,
                                                self.serialization_format))
                     del data
-                    if release is not None and item.type != WriteItemType.BYTE_IO:
-                        release(chunk)
+                    if item.type != WriteItemType.BYTE_IO:
+                        source.release(chunk)
                     del chunk
                 out.finish(sync=self.sync_files)
         finally:
             stop.set()
             for _ in range(len(computed) + 1):  # (wakes the producer wherever it waits)
                 ahead.release()
-            closing = getattr(planner, "stop", None)
-            if closing is not None:
-                closing()
+            source.stop()
             producer.join()
             for t in threads:
                 t.join()
@@ -1271,16 +1306,9 @@ class _SerialWriter(FileSystemWriter):
 class _LazySaveStrategy(SaveShardedStrategy):
     """torch_dist format (what megatron's default strategy writes), computed lazily."""
 
-    def __init__(self, fill: Callable, stored: Callable | None = None, first: tuple | None = None,
-                 release: Callable | None = None, stop: Callable | None = None,
-                 drop_first: Callable | None = None):
+    def __init__(self, source: ChunkSource):
         super().__init__("torch_dist", 1)
-        self.drop_first = drop_first
-        self.fill = fill
-        self.stored = stored
-        self.first = first
-        self.release = release
-        self.stop = stop
+        self.source = source
 
     @property
     def can_handle_sharded_objects(self):
@@ -1292,41 +1320,24 @@ class _LazySaveStrategy(SaveShardedStrategy):
         dcp_save(
             pyt_state_dict,
             storage_writer=_SerialWriter(str(checkpoint_dir), thread_count=1),
-            planner=_LazyPlanner(self.fill, self.stored, self.first, self.release, self.stop, self.drop_first,
-                                 dedup_replicated_tensors=False, flatten_state_dict=False),
+            planner=_LazyPlanner(self.source, dedup_replicated_tensors=False, flatten_state_dict=False),
         )
 
 
-def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable,
-                     stored: Callable | None = None, first: tuple | None = None,
-                     release: Callable | None = None, stop: Callable | None = None,
-                     drop_first: Callable | None = None) -> None:
-    """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``.
-
-    ``fill(key, offsets, sizes)`` returns each stored chunk (a tensor of ``sizes``, in the
-    global coordinates megatron stores ``key`` in) - or a :class:`StoredBlob` of an input
-    holding exactly that chunk; it is called once per chunk, in turn, on one thread.
-    ``stored(key, offsets, sizes)`` (optional) tells, without computing, the chunks that
-    ``fill`` would return as a :class:`StoredBlob` (that blob; else None): those are
-    copied while ``fill`` computes the others, and ``fill`` is not asked for them.
-    ``first`` (optional): ``(key, offsets, sizes)`` of a computed chunk that ``fill`` is
-    already computing ahead; it is asked for first among the tensors.
-    ``release(chunk)`` (optional): the writer is done with a chunk ``fill`` returned. With
-    it, ``fill`` is called ahead of the writer as far as ``fill`` lets it (it bounds the
-    memory, waiting inside until chunks are released); without it, ``fill`` computes one
-    chunk while the writer writes the one before, and each chunk is dropped once written.
-    ``stop()`` (optional): the writer has stopped - a ``fill`` waiting for memory should
-    give up. ``drop_first()`` (optional): ``first`` is not a chunk of this checkpoint.
-    With ``release``, ``fill`` of ``first`` is called on a thread of its own (it waits for
-    the chunk computed ahead) while the other chunks are filled in turn: ``fill`` must be
-    safe to call from two threads at once.
-    """
+def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path,
+                     source: ChunkSource | Callable) -> None:
+    """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``, each
+    chunk from ``source``: a :class:`ChunkSource`, or a function ``fill(key, offsets,
+    sizes)`` returning the chunk (a tensor of ``sizes``, in the global coordinates megatron
+    stores ``key`` in), called once per chunk, in turn, on a thread of the writer's."""
+    if not isinstance(source, ChunkSource):
+        source = _FillFunction(source)
     sharded = meta_model(cfg, dtype).sharded_state_dict()
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         dist_checkpointing.save(sharded, str(directory),
-                                sharded_strategy=_LazySaveStrategy(fill, stored, first, release, stop, drop_first))
+                                sharded_strategy=_LazySaveStrategy(source))
     except CheckpointException as e:
         # torch.distributed.checkpoint wraps what failed (a full disk, a bad input chunk)
         # with its rank's traceback; the error itself is what the caller can act on
