@@ -1018,31 +1018,44 @@ WRITEBACK_BYTES = 32 << 20
 # O_DIRECT: file offsets, lengths and memory addresses of writes are multiples of this
 # (covers 512- and 4096-byte logical blocks).
 _DIRECT_ALIGN = 4096
-# The output's staging buffer: small writes (archive headers, computed chunks) are
-# gathered here and written in aligned blocks of this size.
+# The output's staging buffers: small writes (archive headers, computed chunks) are
+# gathered in one and written in aligned blocks of this size, while the next one fills.
 STAGING_BYTES = 4 << 20
+STAGING_BUFFERS = 3
 # A stored chunk copied to the output is mapped this much at a time.
 COPY_WINDOW_BYTES = 16 << 20
+# Bytes handed to the output's write thread and not yet written: beyond this, the writer
+# waits (bounds the mapped input windows and staging buffers held for writes).
+WRITES_IN_FLIGHT_BYTES = 40 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class _OutputFile(io.RawIOBase):
     """The output data file, written front to back - with ``O_DIRECT`` where the
-    filesystem takes it.
+    filesystem takes it - by a thread of its own.
 
     A merge writes hundreds of MB that nobody reads back soon: through the page cache
     every byte costs a kernel copy into a cache page and a writeback later (the largest
     CPU cost of a merge on a small machine); ``O_DIRECT`` hands the disk the bytes where
-    they are. Small writes go through an aligned staging buffer; a stored input chunk
+    they are. Small writes go through aligned staging buffers; a stored input chunk
     (:meth:`copy_blob`) is written straight from a read-only mapping of its input file,
     placed at an output offset with the same alignment as its bytes in the mapping (up
     to ``_DIRECT_ALIGN - 1`` zero bytes of padding before it: nothing refers to them).
     Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) the same writes go
     through the page cache. :meth:`finish` fsyncs: the output is as durable either way.
+
+    An ``O_DIRECT`` write returns when the disk has the bytes: done by the caller, the
+    disk's time (about a third of a merge) would add to everything else the writer does.
+    The writes are therefore made on the ``merge-write`` thread, in order, while the
+    caller goes on - at most :data:`WRITES_IN_FLIGHT_BYTES` behind; each keeps the memory
+    it writes from (a staging buffer, an input mapping) until it is done. A failed write
+    is raised by the caller's next write, :meth:`copy_blob` or :meth:`finish`.
     """
 
     def __init__(self, path: str):
         super().__init__()
+        from concurrent.futures import ThreadPoolExecutor
+
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = bool(_O_DIRECT)
         self.fd = -1
@@ -1053,11 +1066,16 @@ class _OutputFile(io.RawIOBase):
                 self.direct = False
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o644)
-        self._stage = mmap.mmap(-1, STAGING_BYTES)  # page-aligned
-        self._sview = memoryview(self._stage)
+        self._stages = [mmap.mmap(-1, STAGING_BYTES) for _ in range(STAGING_BUFFERS)]  # page-aligned
+        self._stage_writes: list = [None] * STAGING_BUFFERS  # the pending write of each
+        self._current = 0
+        self._sview = memoryview(self._stages[0])
         self.start = 0  # file offset of the staging buffer's first byte
         self.fill = 0  # bytes in the staging buffer
-        self._hinted = 0  # buffered mode: bytes whose writeback was started
+        self.padded = False  # a final block was padded: finish() cuts the file to length
+        self._hinted = 0  # buffered mode: bytes whose writeback was started (write thread)
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="merge-write")
+        self._in_flight: collections.deque = collections.deque()  # (future, bytes)
 
     # -- io.RawIOBase (what torch.save and dcp's _write_item use)
 
@@ -1084,7 +1102,24 @@ class _OutputFile(io.RawIOBase):
 
     # -- the rest
 
-    def _pwrite(self, data: memoryview, pos: int) -> None:
+    def _submit(self, data: memoryview, pos: int):
+        """Write ``data`` at ``pos`` on the write thread; ``data`` must stay unchanged
+        until the returned future is done (its memory is kept alive until then)."""
+        held = len(data) + sum(n for _, n in self._in_flight)
+        while self._in_flight and (held > WRITES_IN_FLIGHT_BYTES or self._in_flight[0][0].done()):
+            fut, n = self._in_flight.popleft()
+            fut.result()  # (raises the write's error)
+            held -= n
+        fut = self._io.submit(self._pwrite, data, pos)
+        self._in_flight.append((fut, len(data)))
+        return fut
+
+    def _drain(self) -> None:
+        """Wait for every write handed to the write thread; raise the first error."""
+        while self._in_flight:
+            self._in_flight.popleft()[0].result()
+
+    def _pwrite(self, data: memoryview, pos: int) -> None:  # on the write thread
         done = 0
         while done < len(data):
             try:
@@ -1111,22 +1146,30 @@ class _OutputFile(io.RawIOBase):
             self._hinted = end
 
     def _flush_stage(self, final: bool = False) -> None:
-        """Write the staging buffer; unless ``final``, it ends on an aligned offset."""
+        """Hand the staging buffer to the write thread and go on in the next one; unless
+        ``final``, it ends on an aligned offset."""
         n = self.fill
         if n:
             w = n
             if final and self.direct:  # the last block, padded; finish() cuts the file to length
                 w = -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
                 self._sview[n:w] = bytes(w - n)
-            self._pwrite(self._sview[:w], self.start)
+                self.padded = True
+            self._stage_writes[self._current] = self._submit(self._sview[:w], self.start)
+            self._current = (self._current + 1) % STAGING_BUFFERS
+            pending = self._stage_writes[self._current]
+            if pending is not None:
+                pending.result()  # the next buffer's last write is done: it may be refilled
+            self._sview = memoryview(self._stages[self._current])
         self.start += n
         self.fill = 0
 
     def copy_blob(self, blob: "StoredBlob") -> tuple[int, int]:
         """Append a stored input chunk's archive as it is; returns ``(offset, length)``."""
         c = blob.chunk
-        if not self.direct:  # in the kernel (copy_file_range)
+        if not self.direct:  # in the kernel (copy_file_range), after the writes before it
             self._flush_stage(final=True)
+            self._drain()
             offset = self.start
             length = blob.copy_to(self.fd, offset)
             self.start = offset + length
@@ -1149,10 +1192,10 @@ class _OutputFile(io.RawIOBase):
             mid = (n - head) // align * align
             if mid:  # at an aligned offset, and so is the source: straight from the mapping
                 self._flush_stage()
-                self._pwrite(src[head:head + mid], self.start)
+                self._submit(src[head:head + mid], self.start)  # (keeps the mapping until written)
                 self.start += mid
             self.write(src[head + mid:])
-            del src, m  # unmapped here
+            del src, m  # unmapped once written
             done += n
         blob.reader.bytes_read += c.blob_length
         blob.reader.hash_in_background(c)
@@ -1162,17 +1205,27 @@ class _OutputFile(io.RawIOBase):
         """Write what is staged, cut the file to its length and (``sync``) fsync it."""
         end = self.tell()
         self._flush_stage(final=True)
-        if self.direct:
+        self._drain()
+        if self.padded:
             os.ftruncate(self.fd, end)
         if sync:
             os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
+            # every write handed over ends before its file and memory go (errors, if this
+            # is closed after one, were raised already or are not the first)
+            self._io.shutdown(wait=True)
+            self._in_flight.clear()
+            self._stage_writes = [None] * STAGING_BUFFERS
             os.close(self.fd)
             self.fd = -1
             self._sview.release()
-            self._stage.close()
+            for m in self._stages:
+                try:
+                    m.close()
+                except BufferError:  # a failed write's traceback still holds a view of it:
+                    pass  # freed with the traceback
         super().close()
 
 

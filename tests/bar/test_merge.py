@@ -378,23 +378,39 @@ def _raises(fn):
     return None
 
 
-def test_write_failure_stops_the_compute_thread_and_writes_nothing(experts, tmp_path, monkeypatch):
-    """The output disk fails mid-merge: the error comes out, the thread computing ahead
-    (possibly waiting for ring memory) stops, and no output is left."""
+@pytest.mark.parametrize("where", ["copying", "on-the-write-thread"])
+def test_write_failure_stops_the_compute_thread_and_writes_nothing(experts, tmp_path, monkeypatch, where):
+    """The output disk fails mid-merge - in the writer's call, or in a write it handed to
+    the write thread: the error comes out, the thread computing ahead (possibly waiting
+    for ring memory) and the write thread stop, and no output is left."""
     import threading
 
     from megatron_bar.bar import merge_io
 
     calls = []
-    real = merge_io._OutputFile.copy_blob
+    if where == "copying":
+        real = merge_io._OutputFile.copy_blob
 
-    def failing(self, blob):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        return real(self, blob)
+        def failing(self, blob):
+            calls.append(1)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
+            return real(self, blob)
 
-    monkeypatch.setattr(merge_io._OutputFile, "copy_blob", failing)
+        monkeypatch.setattr(merge_io._OutputFile, "copy_blob", failing)
+    else:
+        real_pwrite = os.pwrite
+        writers = set()
+
+        def pwrite(fd, data, pos):
+            if threading.current_thread().name.startswith("merge-write"):
+                writers.add(threading.current_thread().name)
+                calls.append(1)
+                if len(calls) == 3:
+                    raise OSError(28, "No space left on device")
+            return real_pwrite(fd, data, pos)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
     out = tmp_path / "out"
     errors = []
     def target():
