@@ -19,7 +19,7 @@ setup(
         "safetensors",
         "transformers>=5.0",
         "psutil",  # megatron's dist-checkpoint writer needs it
-        "blake3",  # content hashes of merged checkpoints' inputs (megatron_bar/bar/merge_io.py)
+        "xxhash",  # content hashes of merged checkpoints' inputs (megatron_bar/bar/merge_io.py)
         "ray[default]>=2.40",
         "math-verify",
         "pyyaml",
