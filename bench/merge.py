@@ -15,9 +15,10 @@ averaged), then, ``--repeat`` times in alternation:
 * copy: ``shutil.copytree`` of the same K checkpoint folders (the bytes the merge reads),
   fsyncing each file as the merge fsyncs its output.
 
-The page cache is warm for both (the inputs were just written). Each round measures the
-merge and the copy back to back, so the two see the same machine (a shared machine's load
-and the disk's writeback swing both by 2x from round to round); ``ratio`` is the median of
+The page cache is warm for both (the inputs are read once after they are written), and the
+disk idle (each is preceded by a ``sync``: neither pays for writeback pending from before).
+Each round measures the merge and the copy back to back, so the two see the same machine
+(a shared machine's load and the disk swing both by 2x from round to round); ``ratio`` is the median of
 the per-round ratios. The LAST line is a JSON object with ``merge_s``, ``copy_s`` (medians),
 ``ratio`` (median of merge / copy per round), ``ratio_min`` / ``ratio_max``,
 ``peak_rss_mb`` (the merge's, max over repeats) and ``largest_tensor_mb`` (the largest
@@ -122,6 +123,30 @@ def copy_folders(folders, dest: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _read_through(folders) -> None:
+    """Read every file of ``folders`` once, so that every round finds them in the page
+    cache. They are written with O_DIRECT (the merge's writer), which leaves nothing
+    there: without this the first merge read its inputs from the disk (1.9 s instead of
+    1.0 s) and the copy after it found them cached."""
+    buf = bytearray(16 << 20)
+    for folder in folders:
+        for f in sorted(Path(folder).rglob("*")):
+            if f.is_file():
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.readinto(buf):
+                        pass
+
+
+def _settle() -> None:
+    """Before a timed merge or copy: the disk finishes what is pending (the inputs just
+    generated, the last output deleted), so that neither pays for the other's writeback -
+    a merge's output is written with O_DIRECT (nothing pending after it), a copy's through
+    the page cache (fsynced), a deleted folder may leave journal work. The page cache
+    stays warm."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
 def _own_peak_rss() -> int | None:
     """This process's peak resident memory in bytes (Linux: VmHWM), else None.
 
@@ -183,10 +208,12 @@ def main(argv=None):
         in_bytes = sum(_folder_bytes(p) for _, p in experts)
         print(f"{args.experts} synthetic domain checkpoints of {model_bytes / 2**20:.0f} MiB "
               f"({args.dtype}) written in {time.perf_counter() - t0:.1f}s", flush=True)
+        _read_through([p for _, p in experts])
         merges, copies, peaks, growth = [], [], [], []
         out_bytes = 0
         for r in range(args.repeat):
             out = root / f"merged{r}"
+            _settle()
             res = merge_in_child(out, experts)
             out_bytes = _folder_bytes(out)
             merges.append(res["merge_s"])
@@ -195,6 +222,7 @@ def main(argv=None):
             shutil.rmtree(out)
             dest = root / f"copy{r}"
             dest.mkdir()
+            _settle()
             copies.append(copy_folders([p for _, p in experts], dest))
             shutil.rmtree(dest)
             print(f"round {r}: merge {merges[-1]:.2f}s (peak RSS {peaks[-1] / 2**20:.0f} MiB), "
