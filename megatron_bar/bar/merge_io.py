@@ -27,6 +27,7 @@ resident size flat.
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import errno
@@ -64,7 +65,7 @@ from megatron_bar.model.config import ModelConfig
 
 # A block read or computed at once; what a merge holds per input is about this much.
 BLOCK_BYTES = 4 << 20
-# Mapped input bytes whose hashing may be pending at once (see HashQueue.submit_mapped):
+# Mapped input bytes whose hashing may be pending at once (see BackgroundQueue.submit_mapped):
 # what a view keeps resident beyond its use is bounded by this, whatever the model or K.
 MAPPED_BACKLOG_BYTES = 16 << 20
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
@@ -406,34 +407,56 @@ class _ChunkHasher:
             self.pos = end
 
 
-class HashQueue:
-    """Hashes on one background thread (the hash releases the GIL), in submission order.
+class BackgroundQueue:
+    """Jobs on one background thread, in submission order: the merge's hashes (the hash
+    releases the GIL) and its output's writes (:class:`_OutputFile`).
 
-    A job hashes memory the caller still owns: before that memory is written again,
-    :meth:`wait_overlapping` (or :meth:`wait_all`) makes sure its jobs are done.
+    A job works on memory the caller still owns: before that memory is written again,
+    :meth:`wait_overlapping` (or :meth:`wait_all`) makes sure its jobs are done. A job on
+    a file mapping (:meth:`submit_mapped`) keeps it alive until done; at most
+    ``backlog_bytes`` of those may be pending. A job's error is raised (once) by the next
+    submit or wait.
     """
 
-    def __init__(self):
-        import threading
+    def __init__(self, name: str, backlog_bytes: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="merge-hash")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._backlog = backlog_bytes
         self._pending: list[tuple[int, int, object]] = []  # (first byte, end, future)
         self._mapped: collections.deque = collections.deque()  # (future, bytes) of mapped jobs
+        self._error: BaseException | None = None  # of a finished job, not raised yet
         # the writer thread (copied chunks) and the compute thread (reads) both submit
         self._lock = threading.Lock()
 
+    def _prune(self) -> None:
+        """Drop finished jobs, keeping the first error (under the lock)."""
+        running = []
+        for p in self._pending:
+            if not p[2].done():
+                running.append(p)
+            elif self._error is None and p[2].exception() is not None:
+                self._error = p[2].exception()
+        self._pending = running
+
+    def _raise_error(self) -> None:
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
     def submit(self, fn, lo: int, hi: int) -> None:
         with self._lock:
-            self._pending = [p for p in self._pending if not p[2].done()]
+            self._prune()
             self._pending.append((lo, hi, self._pool.submit(fn)))
+        self._raise_error()
 
-    def submit_mapped(self, fn, nbytes: int) -> None:
-        """A job hashing ``nbytes`` of a file mapping that it keeps alive (and resident)
-        until done. Waits while more than :data:`MAPPED_BACKLOG_BYTES` of such jobs are
-        pending, so that the mapped pages waiting for the hash stay bounded."""
+    def submit_mapped(self, fn, nbytes: int):
+        """A job on ``nbytes`` of a mapping that it keeps alive (and resident) until done;
+        returns its future. Waits while more than the backlog of such jobs is pending, so
+        that the mapped pages waiting for their job stay bounded."""
         with self._lock:
-            self._pending = [p for p in self._pending if not p[2].done()]
+            self._prune()
             fut = self._pool.submit(fn)
             self._pending.append((0, 0, fut))
             self._mapped.append((fut, nbytes))
@@ -441,11 +464,13 @@ class HashQueue:
                 self._mapped.popleft()
             held = sum(n for _, n in self._mapped)
             oldest = list(self._mapped)
+        self._raise_error()
         for f, n in oldest:
-            if held <= MAPPED_BACKLOG_BYTES:
+            if held <= self._backlog:
                 break
             f.result()
             held -= n
+        return fut
 
     def wait_overlapping(self, lo: int, hi: int) -> None:
         with self._lock:
@@ -457,29 +482,42 @@ class HashQueue:
     def wait_all(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for _, _, fut in pending:
-            fut.result()
+        first = None
+        for _, _, fut in pending:  # (all of them, even after an error: their memory may go next)
+            if fut.exception() is not None and first is None:
+                first = fut.exception()
+        with self._lock:
+            error, self._error = self._error or first, None
+        if error is not None:
+            raise error
+
+    def shutdown(self) -> None:
+        """Wait for every job (errors are not raised) and stop the thread."""
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            self._pending, self._error = [], None
+            self._mapped.clear()
 
 
-_HASH_QUEUE: HashQueue | None = None
-_FILE_HASH_QUEUE: HashQueue | None = None
+_HASH_QUEUE: BackgroundQueue | None = None
+_FILE_HASH_QUEUE: BackgroundQueue | None = None
 
 
-def hash_queue() -> HashQueue:
+def hash_queue() -> BackgroundQueue:
     """Hashes of bytes in memory (reads into buffers that will be reused)."""
     global _HASH_QUEUE
     if _HASH_QUEUE is None:
-        _HASH_QUEUE = HashQueue()
+        _HASH_QUEUE = BackgroundQueue("merge-hash", MAPPED_BACKLOG_BYTES)
     return _HASH_QUEUE
 
 
-def file_hash_queue() -> HashQueue:
+def file_hash_queue() -> BackgroundQueue:
     """Hashes of stored chunks copied without being read here (read from their files on
     the hash thread). A queue of its own: a 100 MB expert chunk hashed from its file must
     not hold up the hashing of a 4 MB read buffer the merge waits to reuse."""
     global _FILE_HASH_QUEUE
     if _FILE_HASH_QUEUE is None:
-        _FILE_HASH_QUEUE = HashQueue()
+        _FILE_HASH_QUEUE = BackgroundQueue("merge-hash", MAPPED_BACKLOG_BYTES)
     return _FILE_HASH_QUEUE
 
 
@@ -935,7 +973,7 @@ class StoredBlob:
         return c.blob_length
 
 
-class ChunkSource:
+class ChunkSource(abc.ABC):
     """Where :func:`write_checkpoint` gets the chunks it writes.
 
     :meth:`fill` is all a source must have (a plain function ``fill(key, offsets, sizes)``
@@ -958,10 +996,10 @@ class ChunkSource:
     first: tuple | None = None
     computes_ahead = False
 
+    @abc.abstractmethod
     def fill(self, key: str, offsets, sizes):
         """Chunk ``(offsets, sizes)`` of ``key`` (global coordinates): a tensor of ``sizes``
         or a :class:`StoredBlob` of an input holding exactly that chunk."""
-        raise NotImplementedError
 
     def stored(self, key: str, offsets, sizes) -> "StoredBlob | None":
         return None
@@ -977,8 +1015,13 @@ class ChunkSource:
 
 
 class _FillFunction(ChunkSource):
+    """A plain function ``fill(key, offsets, sizes)`` as a source."""
+
     def __init__(self, fill: Callable):
-        self.fill = fill
+        self._fill = fill
+
+    def fill(self, key: str, offsets, sizes):
+        return self._fill(key, offsets, sizes)
 
 
 class _LazyPlanner(MCoreSavePlanner):
@@ -1059,8 +1102,6 @@ class _OutputFile(io.RawIOBase):
 
     def __init__(self, path: str):
         super().__init__()
-        from concurrent.futures import ThreadPoolExecutor
-
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = bool(_O_DIRECT)
         self.fd = -1
@@ -1079,8 +1120,7 @@ class _OutputFile(io.RawIOBase):
         self.fill = 0  # bytes in the staging buffer
         self.padded = False  # a final block was padded: finish() cuts the file to length
         self._hinted = 0  # buffered mode: bytes whose writeback was started (write thread)
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="merge-write")
-        self._in_flight: collections.deque = collections.deque()  # (future, bytes)
+        self._writes = BackgroundQueue("merge-write", WRITES_IN_FLIGHT_BYTES)
 
     # -- io.RawIOBase (what torch.save and dcp's _write_item use)
 
@@ -1109,20 +1149,8 @@ class _OutputFile(io.RawIOBase):
 
     def _submit(self, data: memoryview, pos: int):
         """Write ``data`` at ``pos`` on the write thread; ``data`` must stay unchanged
-        until the returned future is done (its memory is kept alive until then)."""
-        held = len(data) + sum(n for _, n in self._in_flight)
-        while self._in_flight and (held > WRITES_IN_FLIGHT_BYTES or self._in_flight[0][0].done()):
-            fut, n = self._in_flight.popleft()
-            fut.result()  # (raises the write's error)
-            held -= n
-        fut = self._io.submit(self._pwrite, data, pos)
-        self._in_flight.append((fut, len(data)))
-        return fut
-
-    def _drain(self) -> None:
-        """Wait for every write handed to the write thread; raise the first error."""
-        while self._in_flight:
-            self._in_flight.popleft()[0].result()
+        until the returned future is done (the job keeps its memory alive until then)."""
+        return self._writes.submit_mapped(lambda: self._pwrite(data, pos), len(data))
 
     def _pwrite(self, data: memoryview, pos: int) -> None:  # on the write thread
         done = 0
@@ -1174,7 +1202,7 @@ class _OutputFile(io.RawIOBase):
         c = blob.chunk
         if not self.direct:  # in the kernel (copy_file_range), after the writes before it
             self._flush_stage(final=True)
-            self._drain()
+            self._writes.wait_all()
             offset = self.start
             length = blob.copy_to(self.fd, offset)
             self.start = offset + length
@@ -1210,7 +1238,7 @@ class _OutputFile(io.RawIOBase):
         """Write what is staged, cut the file to its length and (``sync``) fsync it."""
         end = self.tell()
         self._flush_stage(final=True)
-        self._drain()
+        self._writes.wait_all()
         if self.padded:
             os.ftruncate(self.fd, end)
         if sync:
@@ -1220,17 +1248,16 @@ class _OutputFile(io.RawIOBase):
         if self.fd >= 0:
             # every write handed over ends before its file and memory go (errors, if this
             # is closed after one, were raised already or are not the first)
-            self._io.shutdown(wait=True)
-            self._in_flight.clear()
+            self._writes.shutdown()
             self._stage_writes = [None] * STAGING_BUFFERS
             os.close(self.fd)
             self.fd = -1
             self._sview.release()
             for m in self._stages:
-                try:
+                # (a failed write's traceback may still hold a view of one: it is then
+                # unmapped with the traceback)
+                with contextlib.suppress(BufferError):
                     m.close()
-                except BufferError:  # a failed write's traceback still holds a view of it:
-                    pass  # freed with the traceback
         super().close()
 
 
