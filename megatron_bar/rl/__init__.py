@@ -18,8 +18,11 @@ _EXPORTS = {
     # grpo
     "PolicyLossConfig": "grpo",
     "drop_uniform_groups": "grpo",
+    "dynamic_sampling": "grpo",
     "group_advantages": "grpo",
     "masked_mean": "grpo",
+    "overlong_rewards": "grpo",
+    "pass_at_k": "grpo",
     "policy_loss": "grpo",
     "sequence_logprobs": "grpo",
     # rewards

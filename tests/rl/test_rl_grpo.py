@@ -7,10 +7,15 @@ import torch
 
 from megatron_bar.rl.grpo import (
     drop_uniform_groups,
+    dynamic_sampling,
     group_advantages,
+    k3_kl,
     masked_mean,
+    overlong_rewards,
+    pass_at_k,
     policy_loss,
     sequence_logprobs,
+    token_entropy,
 )
 
 LN = math.log
@@ -40,17 +45,17 @@ def test_group_advantages_group_scale_uses_unbiased_std():
     # group 2: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = sqrt(1/3)
     s2 = math.sqrt(1 / 3) + 1e-6
     expected = [0.75 / s1, -0.25 / s1, -0.25 / s1, -0.25 / s1, 0.5 / s2, 0.5 / s2, -0.5 / s2, -0.5 / s2]
-    torch.testing.assert_close(group_advantages(rewards, 4, "group"), torch.tensor(expected))
+    torch.testing.assert_close(group_advantages(rewards, 4, "grpo"), torch.tensor(expected))
 
 
 def test_group_advantages_none_scale_only_centres():
     rewards = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0, 10.0])
     expected = torch.tensor([1.0, -1.0, 0.0, -2.0, -4.0, 6.0])  # means 2 and 4
-    torch.testing.assert_close(group_advantages(rewards, 3, "none"), expected)
+    torch.testing.assert_close(group_advantages(rewards, 3, "drgrpo"), expected)
 
 
 def test_group_advantages_uniform_group_is_zero_not_nan():
-    adv = group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2, "group")
+    adv = group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2, "grpo")
     assert adv[:2].tolist() == [0.0, 0.0]
     assert torch.isfinite(adv).all()
 
@@ -61,9 +66,25 @@ def test_group_advantages_rejects_ragged_groups(n, group_size):
         group_advantages(torch.zeros(n), group_size)
 
 
-def test_group_advantages_rejects_unknown_scale():
-    with pytest.raises(ValueError, match="scale"):
+def test_group_advantages_rejects_unknown_estimator():
+    with pytest.raises(ValueError, match="estimator"):
         group_advantages(torch.zeros(4), 2, "batch")
+
+
+def test_grpo_epsilon_is_verls_1e6_not_trls_1e4():
+    # a group with a tiny spread: std (unbiased) = 1e-5 / sqrt(2); the epsilon decides the scale
+    rewards = torch.tensor([0.0, 1e-5], dtype=torch.float64)
+    std = 1e-5 / math.sqrt(2)
+    adv = group_advantages(rewards, 2, "grpo")
+    torch.testing.assert_close(adv, torch.tensor([-5e-6, 5e-6], dtype=torch.float64) / (std + 1e-6))
+    assert adv[1].item() == pytest.approx(0.6197, abs=1e-3)  # with 1e-4 it would be 0.0467
+
+
+def test_rloo_is_leave_one_out_baseline():
+    # r_i minus the mean of the other three, by hand
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.5])
+    expected = [1 - 0.5 / 3, 0 - 1.5 / 3, 0 - 1.5 / 3, 0.5 - 1 / 3]
+    torch.testing.assert_close(group_advantages(rewards, 4, "rloo"), torch.tensor(expected))
 
 
 def test_drop_uniform_groups():
@@ -233,3 +254,121 @@ def test_masked_mean():
     assert masked_mean(values, mask).item() == pytest.approx((1 + 2 + 4) / 3)
     torch.testing.assert_close(masked_mean(values, mask, dim=1), torch.tensor([1.5, 4.0]))
     assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+# ------------------------------------------------------------------- dual-clip
+
+
+def test_dual_clip_bounds_negative_advantage_loss():
+    # r = 5, A = -1: PPO-clip gives -min(-5, -1.28) = 5; dual-clip caps at 3 * 1 = 3, no gradient
+    loss, metrics, grad = _loss([[LN(5.0)]], [[0.0]], [-1.0], clip_ratio_c=3.0)
+    assert loss == pytest.approx(3.0)
+    assert grad.tolist() == [[0.0]]
+    assert metrics["clip_frac_dual"] == 1.0
+    # r = 2 < 3: untouched, gradient -A * r = 2
+    loss, metrics, grad = _loss([[LN(2.0)]], [[0.0]], [-1.0], clip_ratio_c=3.0)
+    assert loss == pytest.approx(2.0)
+    torch.testing.assert_close(grad, torch.tensor([[2.0]]))
+    assert metrics["clip_frac_dual"] == 0.0
+
+
+def test_dual_clip_leaves_positive_advantages():
+    # r = 5, A = +1: the clip-high branch (-1.28), dual-clip does not apply
+    loss, metrics, _ = _loss([[LN(5.0)]], [[0.0]], [1.0], clip_ratio_c=3.0)
+    assert loss == pytest.approx(-1.28)
+    assert metrics["clip_frac_dual"] == 0.0
+
+
+def test_dual_clip_needs_c_above_one():
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        _loss([[0.0]], [[0.0]], [1.0], clip_ratio_c=1.0)
+
+
+# ------------------------------------------------------------------- k3 clamp
+
+
+def test_k3_kl_is_clamped_to_10():
+    logp = _leaf([0.0, 0.0, 0.0])
+    ref = torch.tensor([15.0, -15.0, 1.0])
+    kl = k3_kl(logp, ref)
+    # exp(15) - 16 and exp(-15) + 14 both exceed 10; exp(1) - 2 does not
+    torch.testing.assert_close(kl, torch.tensor([10.0, 10.0, math.e - 2]))
+    kl.sum().backward()
+    # clamped tokens pass no gradient; d/dlogp of exp(ref-logp) - (ref-logp) - 1 is 1 - exp(ref-logp)
+    torch.testing.assert_close(logp.grad, torch.tensor([0.0, 0.0, 1 - math.e]))
+
+
+def test_kl_metric_uses_the_clamp():
+    _, metrics, _ = _loss([[0.0]], [[0.0]], [1.0], ref_logprobs=torch.tensor([[15.0]]), kl_beta=0.1)
+    assert metrics["kl_mean"] == pytest.approx(10.0)
+
+
+# --------------------------------------------------------------- overlong
+
+
+def test_overlong_modes():
+    rewards = torch.tensor([1.0, 1.0, 0.5, 0.0])
+    lengths = torch.tensor([4, 6, 8, 10])
+    truncated = torch.tensor([False, False, False, True])
+    r, keep = overlong_rewards(rewards, lengths, truncated, "none", 10, 4)
+    assert r.tolist() == rewards.tolist() and keep.all()
+    r, keep = overlong_rewards(rewards, lengths, truncated, "mask", 10, 4)
+    assert r.tolist() == rewards.tolist() and keep.tolist() == [True, True, True, False]
+    # soft punishment, max 10, buffer 4: 0 up to 6 tokens, then -1/4 per token: 8 -> -0.5, 10 -> -1
+    r, keep = overlong_rewards(rewards, lengths, truncated, "penalty", 10, 4, penalty_factor=1.0)
+    assert r.tolist() == [1.0, 1.0, 0.0, -1.0] and keep.all()
+    r, _ = overlong_rewards(rewards, lengths, truncated, "penalty", 10, 4, penalty_factor=0.5)
+    assert r.tolist() == [1.0, 1.0, 0.25, -0.5]
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_rewards(rewards, lengths, truncated, "penalty", 10, 0)
+
+
+# --------------------------------------------------------- dynamic sampling
+
+
+def _rounds(*reward_rounds):
+    """generate_round over fixed rounds; a sample is (round, index)."""
+    def generate(i):
+        rewards = torch.tensor(reward_rounds[i])
+        return [(i, j) for j in range(len(rewards))], rewards
+    return generate
+
+
+def test_dynamic_sampling_refills_until_full():
+    # groups of 2; round 0 has one informative group (the second), round 1 two
+    gen = _rounds([1.0, 1.0, 0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    out = dynamic_sampling(gen, target_groups=2, group_size=2, max_rounds=5)
+    assert out.samples == [(0, 2), (0, 3), (1, 0), (1, 1)]  # the excess of round 1 is cut
+    assert (out.rounds, out.generated_groups, out.kept_groups) == (2, 6, 2)
+    assert out.rewards.numel() == 12
+
+
+def test_dynamic_sampling_cap_trains_short():
+    gen = _rounds([1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0])
+    out = dynamic_sampling(gen, target_groups=3, group_size=2, max_rounds=2)
+    assert out.samples == [(0, 2), (0, 3)]
+    assert (out.rounds, out.kept_groups) == (2, 1)
+
+
+def test_one_round_is_plain_filtering():
+    gen = _rounds([1.0, 1.0, 0.0, 1.0])
+    out = dynamic_sampling(gen, target_groups=2, group_size=2, max_rounds=1)
+    assert out.samples == [(0, 2), (0, 3)] and out.rounds == 1
+
+
+# ------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("n, c, k", [(4, 1, 2), (5, 2, 3), (6, 0, 2), (3, 3, 1), (8, 3, 1)])
+def test_pass_at_k_matches_enumeration(n, c, k):
+    import itertools
+
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(samples, k))
+    assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_token_entropy():
+    assert token_entropy(torch.zeros(7)).item() == pytest.approx(math.log(7))
+    p = torch.tensor([0.5, 0.25, 0.25])
+    assert token_entropy(p.log()).item() == pytest.approx(-(p * p.log()).sum().item())
