@@ -125,14 +125,17 @@ class RolloutFleet:
                 self._revive(i)
 
     def generate(self, prompts: list[list[int]], samples_per_prompt: int, temperature: float,
-                 max_new_tokens: int, eos_id: int, pad_id: int, seed: int) -> list[dict]:
-        """Completions for every prompt, prompts split evenly over the workers."""
+                 max_new_tokens: int, eos_id: int, pad_id: int, seed: int,
+                 record_routing: bool = False) -> list[dict]:
+        """Completions for every prompt, prompts split evenly over the workers (see
+        :meth:`RolloutWorker.generate` for what each carries)."""
         shares = [list(range(i, len(prompts), len(self.workers))) for i in range(len(self.workers))]
 
         def launch(i):
             share = [prompts[j] for j in shares[i]]
             return self.workers[i].generate.remote(
-                share, samples_per_prompt, temperature, max_new_tokens, eos_id, pad_id, seed * 1000 + i
+                share, samples_per_prompt, temperature, max_new_tokens, eos_id, pad_id, seed * 1000 + i,
+                record_routing,
             )
 
         pending = {i: launch(i) for i in range(len(self.workers)) if shares[i]}

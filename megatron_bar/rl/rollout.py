@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from megatron_bar.rl.grpo import token_entropy
+
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -52,6 +54,40 @@ def to_transformers_layout(hf_state: dict[str, torch.Tensor], model) -> dict[str
     return out
 
 
+class _RoutingRecorder:
+    """Forward hooks on every MoE router (``mlp.gate``) of a transformers FlexOlmo that
+    keep the experts it picked, call by call, while ``generate`` runs with the KV cache:
+    the first call sees the whole (left-padded) prompt batch, each later one the one
+    token per sequence fed back."""
+
+    def __init__(self, model):
+        gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+        if not gates:
+            raise ValueError("routing replay needs an MoE model: this rollout model has no router")
+        self.calls: list[list[torch.Tensor]] = [[] for _ in gates]
+        self.handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(gates)]
+
+    def _hook(self, layer: int):
+        def hook(module, inputs, output):
+            self.calls[layer].append(output[2].to(torch.int16))  # router_indices [n * t, top_k]
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def sample(self, i: int, width: int, prompt_len: int, completion_len: int) -> torch.Tensor:
+        """Sample ``i``'s experts at its prompt positions (padding cut off) and at the first
+        ``completion_len - 1`` completion tokens: ``[layers, prompt_len + completion_len - 1, k]``."""
+        per_layer = []
+        for calls in self.calls:
+            n = calls[0].size(0) // width
+            prefill = calls[0].view(n, width, -1)[i, width - prompt_len:]
+            steps = [c.view(n, 1, -1)[i] for c in calls[1:completion_len]]
+            per_layer.append(torch.cat([prefill, *steps]))
+        return torch.stack(per_layer).clone()
+
+
 class RolloutWorker:
     """Generation on one copy of the policy. Plain class; the fleet wraps it as a Ray actor."""
 
@@ -79,9 +115,18 @@ class RolloutWorker:
         eos_id: int,
         pad_id: int,
         seed: int,
+        record_routing: bool = False,
     ) -> list[dict]:
         """For each prompt, ``samples_per_prompt`` completions (ids up to and including EOS)
-        with per-token log-probs under softmax(logits / temperature)."""
+        with per-token log-probs under softmax(logits / temperature), the summed entropy of
+        that distribution over the completion's tokens, and whether generation stopped at
+        ``max_new_tokens`` without EOS (``truncated``). Temperature 0 decodes greedily (the
+        log-probs and entropy are then those of softmax(logits)).
+
+        ``record_routing`` (MoE only): ``routing`` per sample, the experts this model chose
+        for every input position the trainer will see (the prompt and every completion
+        token but the last), as an int16 ``[layers, positions, top_k]`` tensor, for the
+        trainer to replay (:mod:`megatron_bar.rl.routing`)."""
         torch.manual_seed(seed)
         expanded = [p for p in prompts for _ in range(samples_per_prompt)]
         width = max(len(p) for p in expanded)
@@ -90,32 +135,43 @@ class RolloutWorker:
         for i, p in enumerate(expanded):  # left padding: generation continues at the right
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention[i, width - len(p):] = 1
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        greedy = temperature == 0
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
+                                                         "top_k": 0, "top_p": 1.0}
+        recorder = _RoutingRecorder(self.model) if record_routing else None
+        try:
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                **sampling,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        finally:
+            if recorder is not None:
+                recorder.remove()
         new_tokens = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float() / temperature  # [n, T, V]
+        logits = torch.stack(out.logits, dim=1).float() / (1.0 if greedy else temperature)  # [n, T, V]
         logprobs = torch.log_softmax(logits, -1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        entropy = token_entropy(logits)  # [n, T]
         results = []
         for i in range(len(expanded)):
             tokens = new_tokens[i].tolist()
             length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
-            results.append({
+            result = {
                 "prompt_index": i // samples_per_prompt,
                 "tokens": tokens[:length],
                 "logprobs": logprobs[i, :length].tolist(),
+                "entropy_sum": float(entropy[i, :length].sum()),
+                "truncated": eos_id not in tokens[:length] and length == max_new_tokens,
                 "version": self.version,
-            })
+            }
+            if recorder is not None:
+                result["routing"] = recorder.sample(i, width, len(expanded[i]), length)
+            results.append(result)
         return results
 
     @torch.no_grad()

@@ -124,6 +124,7 @@ def forward_backward(
     forward_only: bool = False,
     keep_logits: bool = False,
     loss_fn: Callable | None = None,
+    before_forward: Callable[[Microbatch], None] | None = None,
 ) -> StepOutput:
     """Run megatron's schedule (no pipelining, or 1F1B when PP > 1) over ``microbatches``.
 
@@ -132,6 +133,9 @@ def forward_backward(
     each microbatch returns its loss sum and token count, and megatron divides the
     gradients by the total count. Otherwise a microbatch's loss is its token mean, the
     schedule averages microbatches and DDP averages data-parallel ranks.
+
+    ``before_forward(mb)`` runs just before each microbatch's forward pass (RL's routing
+    replay sets the experts of that microbatch's tokens there).
     """
     per_token = model.config.calculate_per_token_loss
     out = StepOutput()
@@ -141,6 +145,8 @@ def forward_backward(
 
     def forward_step(data_iterator, gpt):
         mb = next(data_iterator)
+        if before_forward is not None:
+            before_forward(mb)
         tokens = mb.tokens.to(device)
         position_ids = mb.position_ids
         if position_ids is None:
