@@ -36,7 +36,15 @@ from megatron_bar.data.chat import DataError, ROLES
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_same_architecture, load_weights
 from megatron_bar.model.config import ModelConfig
-from megatron_bar.rl.grpo import drop_uniform_groups, group_advantages, policy_loss
+from megatron_bar.rl.grpo import (
+    drop_uniform_groups,
+    dynamic_sampling,
+    group_advantages,
+    overlong_rewards,
+    pass_at_k,
+    policy_loss,
+)
+from megatron_bar.rl.routing import RoutingReplay, stack_routing
 from megatron_bar.train import checkpoint as ckpt
 from megatron_bar.train.config import ConfigError, TrainConfig, config_to_dict
 from megatron_bar.train.engine import Microbatch, forward_backward
@@ -61,13 +69,24 @@ class RLConfig:
     prompts_per_rollout: int = 64
     temperature: float = 1.0
     max_response_tokens: int = 256
-    advantage_scale: str = "group"  # group: (r - mean) / (std + eps) | none: centred (Dr. GRPO)
+    advantage: str = "grpo"  # grpo: (r - mean) / (std + 1e-6) | drgrpo: r - mean | rloo: leave-one-out
     clip_low: float = 0.2
     clip_high: float = 0.272
+    clip_ratio_c: float = 3.0  # dual-clip: the loss of a token with A < 0 is at most -c * A (verl's 3)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
     kl_beta: float = 0.0  # k3 KL to the starting policy; 0 = off (the recipe)
     tis_cap: float = 2.0  # truncated importance sampling: rollout vs trainer log-probs
     minibatches: int = 1  # optimizer steps per rollout (open-instruct num_mini_batches; 1 = on-policy)
+    # responses cut at max_response_tokens: none (kept) | mask (out of the loss) | penalty (DAPO soft)
+    overlong: str = "none"
+    overlong_buffer: int | None = None  # penalty: over the last N tokens (None: max_response_tokens // 4)
+    overlong_penalty: float = 1.0  # penalty: the reward lost at max_response_tokens
+    dynamic_sampling: bool = False  # DAPO: refill all-equal groups with new prompts
+    dynamic_sampling_max_rounds: int = 10  # generation rounds per step at most (then train short)
+    eval_interval: int = 0  # evaluate every N steps (and at the start and end); 0 = never
+    eval_datasets: list[RLDatasetConfig] = field(default_factory=list)  # held-out, as rl.datasets
+    eval_samples: int = 4  # pass@k: k samples per prompt at rl.temperature
+    routing_replay: bool = False  # MoE: the trainer routes each token to the rollout's experts (R3)
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -91,8 +110,29 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
         if self.rl.loss_agg not in ("token-mean", "seq-mean-token-mean"):
             raise ConfigError(f"rl.loss_agg {self.rl.loss_agg!r}: token-mean or seq-mean-token-mean")
-        if self.rl.advantage_scale not in ("group", "none"):
-            raise ConfigError(f"rl.advantage_scale {self.rl.advantage_scale!r}: group or none")
+        if self.rl.advantage not in ("grpo", "drgrpo", "rloo"):
+            raise ConfigError(f"rl.advantage {self.rl.advantage!r}: grpo, drgrpo or rloo")
+        if not self.rl.clip_ratio_c > 1.0:
+            raise ConfigError(f"rl.clip_ratio_c must be greater than 1 (dual-clip), got {self.rl.clip_ratio_c}")
+        if self.rl.overlong not in ("none", "mask", "penalty"):
+            raise ConfigError(f"rl.overlong {self.rl.overlong!r}: none, mask or penalty")
+        buffer = self.rl.overlong_buffer
+        if buffer is not None and not 0 < buffer <= self.rl.max_response_tokens:
+            raise ConfigError(f"rl.overlong_buffer {buffer} must be in "
+                              f"(0, rl.max_response_tokens={self.rl.max_response_tokens}]")
+        if self.rl.dynamic_sampling_max_rounds < 1:
+            raise ConfigError(f"rl.dynamic_sampling_max_rounds must be at least 1, "
+                              f"got {self.rl.dynamic_sampling_max_rounds}")
+        if self.rl.eval_interval < 0:
+            raise ConfigError(f"rl.eval_interval must be >= 0, got {self.rl.eval_interval}")
+        if self.rl.eval_interval and not self.rl.eval_datasets:
+            raise ConfigError("rl.eval_interval is set but rl.eval_datasets is empty")
+        if self.rl.eval_samples < 1:
+            raise ConfigError(f"rl.eval_samples must be at least 1, got {self.rl.eval_samples}")
+        if self.rl.routing_replay and self.model.recompute and self.parallel.pp > 1:
+            # recomputation reruns a router in the backward pass, when under 1F1B another
+            # microbatch's experts are set: megatron's REPLAY_BACKWARD bookkeeping is not wired in
+            raise ConfigError("rl.routing_replay with model.recompute needs parallel.pp=1")
         if self.train.stage not in FREEZE_POLICIES:
             raise ConfigError(f"train.stage {self.train.stage!r} is not one of {sorted(FREEZE_POLICIES)}")
         if self.train.steps is None:
@@ -164,6 +204,9 @@ class Rollout:
     rollout_logprobs: list[float]
     reward: float
     advantage: float = 0.0
+    truncated: bool = False  # stopped at max_response_tokens without EOS
+    in_loss: bool = True  # False: rl.overlong=mask took it out
+    routing: torch.Tensor | None = None  # the rollout's experts [layers, positions, k] (routing replay)
 
 
 def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns) -> tuple[list[Rollout], int]:
@@ -175,19 +218,30 @@ def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns
         text = tokenizer.decode([t for t in r["tokens"] if t != tokenizer.eos_id], skip_special_tokens=False)
         value, error = safe_reward(reward_fns[p.reward], p.record, text)
         errors += error is not None
-        rollouts.append(Rollout(p.tokens, r["tokens"], r["logprobs"], value))
+        rollouts.append(Rollout(p.tokens, r["tokens"], r["logprobs"], value,
+                                truncated=r.get("truncated", False), routing=r.get("routing")))
     return rollouts, errors
 
 
-def to_microbatches(rollouts: list[Rollout], length: int, micro_batch_size: int, pad_id: int) -> list[Microbatch]:
+def to_microbatches(rollouts: list[Rollout], length: int, micro_batch_size: int, pad_id: int,
+                    full: bool = False, top_k: int = 1) -> list[Microbatch]:
     """prompt + completion, right-padded to ``length``; loss on the completion's tokens.
 
     Extra fields ride along on each Microbatch: ``advantages`` [b], ``rollout_logprobs``
-    [b, length] aligned with the label positions.
+    [b, length] aligned with the label positions, and ``routing`` [layers, length, b, k]
+    when the rollouts carry the experts they were generated with.
+
+    ``full``: a short last microbatch is filled up to ``micro_batch_size`` with rows
+    that carry no loss. Under pipeline parallelism megatron sends activations of one fixed
+    shape between stages, so every microbatch must have the same size.
     """
     out = []
     for i in range(0, len(rollouts), micro_batch_size):
         chunk = rollouts[i : i + micro_batch_size]
+        if full and len(chunk) < micro_batch_size:
+            filler = dataclasses.replace(chunk[0], completion=[], rollout_logprobs=[], advantage=0.0,
+                                         routing=None if chunk[0].routing is None else chunk[0].routing[:, :0])
+            chunk = chunk + [filler] * (micro_batch_size - len(chunk))
         tokens = torch.full((len(chunk), length + 1), pad_id, dtype=torch.long)
         mask = torch.zeros(len(chunk), length)
         rollout_lp = torch.zeros(len(chunk), length)
@@ -201,8 +255,106 @@ def to_microbatches(rollouts: list[Rollout], length: int, micro_batch_size: int,
         mb = Microbatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask)
         mb.advantages = torch.tensor([r.advantage for r in chunk])
         mb.rollout_logprobs = rollout_lp
+        if chunk[0].routing is not None:
+            mb.routing = stack_routing([r.routing for r in chunk], length, top_k)
         out.append(mb)
     return out
+
+
+def collect_rollouts(generate, score_fn, rl: "RLConfig", seed: int) -> tuple[list[Rollout], dict]:
+    """One step's training samples and their metrics (rank 0).
+
+    ``generate(prompts_seed, gen_seed)`` runs one round of the fleet and returns
+    ``(raw, prompts)``; ``score_fn(raw, prompts)`` turns it into ``(rollouts, errors)``.
+    Each round: overlong handling (``rl.overlong``), advantages (``rl.advantage``), then
+    :func:`dynamic_sampling` keeps the groups that carry signal - refilling with new prompts
+    up to ``rl.dynamic_sampling_max_rounds`` rounds when ``rl.dynamic_sampling`` is on.
+    """
+    group = rl.samples_per_prompt
+    buffer = rl.overlong_buffer or max(1, rl.max_response_tokens // 4)
+    seen: dict[str, list] = {"reward": [], "length": [], "truncated": [], "entropy": []}
+    totals = {"errors": 0, "t_gen": 0.0, "t_score": 0.0}
+
+    def one_round(i: int):
+        # round 0 uses the step's seed, so that without refills a run is what it always was
+        round_seed = seed + 1_000_003 * i
+        t0 = time.perf_counter()
+        raw, prompts = generate(round_seed)
+        t1 = time.perf_counter()
+        rollouts, errors = score_fn(raw, prompts)
+        totals["t_gen"] += t1 - t0
+        totals["t_score"] += time.perf_counter() - t1
+        totals["errors"] += errors
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float)
+        lengths = torch.tensor([len(r.completion) for r in rollouts])
+        truncated = torch.tensor([r.truncated for r in rollouts], dtype=torch.bool)
+        shaped, in_loss = overlong_rewards(rewards, lengths, truncated, rl.overlong,
+                                           rl.max_response_tokens, buffer, rl.overlong_penalty)
+        advantages = group_advantages(shaped, group, rl.advantage)
+        for r, a, k in zip(rollouts, advantages.tolist(), in_loss.tolist()):
+            r.advantage, r.in_loss = a, k
+        seen["reward"] += rewards.tolist()
+        seen["length"] += lengths.tolist()
+        seen["truncated"] += truncated.tolist()
+        seen["entropy"] += [(x.get("entropy_sum", 0.0), len(x["tokens"])) for x in raw]
+        return rollouts, shaped
+
+    rounds = rl.dynamic_sampling_max_rounds if rl.dynamic_sampling else 1
+    batch = dynamic_sampling(one_round, rl.prompts_per_rollout, group, rounds)
+    rewards = torch.tensor(seen["reward"])
+    _, uniform = drop_uniform_groups(batch.rewards, group)
+    entropy_tokens = sum(n for _, n in seen["entropy"])
+    stats = {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "reward_p10": rewards.quantile(0.1).item(),
+        "reward_p50": rewards.quantile(0.5).item(),
+        "reward_p90": rewards.quantile(0.9).item(),
+        "reward_errors": totals["errors"],
+        "response_length": sum(seen["length"]) / len(seen["length"]),
+        "overlong_share": sum(seen["truncated"]) / len(seen["truncated"]),
+        "entropy": sum(e for e, _ in seen["entropy"]) / max(entropy_tokens, 1),
+        "groups_dropped_share": uniform / batch.generated_groups,
+        "groups_trained": batch.kept_groups,
+        "dynamic_sampling_rounds": batch.rounds,
+        "dynamic_sampling_refills": batch.rounds - 1,
+        "time_generation_s": totals["t_gen"],
+        "time_reward_s": totals["t_score"],
+    }
+    return [r for r in batch.samples if r.in_loss], stats
+
+
+def evaluate(fleet, pools: dict[str, list[Prompt]], score_fn, rl: "RLConfig", eos_id: int, pad_id: int,
+             seed: int) -> dict[str, float]:
+    """Held-out accuracy of the current policy (rank 0), per eval dataset: the mean reward
+    of greedy answers (``greedy``), the share of them scoring full marks (``greedy_acc``),
+    and pass@k with ``k = rl.eval_samples`` answers at ``rl.temperature`` (an answer passes
+    with reward >= 1)."""
+    out = {}
+    for name, pool in pools.items():
+        tokens = [p.tokens for p in pool]
+        greedy, _ = score_fn(fleet.generate(tokens, 1, 0.0, rl.max_response_tokens, eos_id, pad_id, seed), pool)
+        rewards = [r.reward for r in greedy]
+        out[f"eval/{name}/greedy"] = sum(rewards) / len(rewards)
+        out[f"eval/{name}/greedy_acc"] = sum(r >= 1.0 for r in rewards) / len(rewards)
+        k = rl.eval_samples
+        raw = fleet.generate(tokens, k, rl.temperature, rl.max_response_tokens, eos_id, pad_id, seed + 1)
+        sampled, _ = score_fn(raw, pool)
+        correct = [0] * len(pool)
+        for x, r in zip(raw, sampled):
+            correct[x["prompt_index"]] += r.reward >= 1.0
+        out[f"eval/{name}/pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / len(correct)
+    return out
+
+
+def _eval_names(datasets: list[RLDatasetConfig]) -> list[str]:
+    names = []
+    for d in datasets:
+        name, n = Path(d.path).stem, 2
+        while name in names:
+            name, n = f"{Path(d.path).stem}_{n}", n + 1
+        names.append(name)
+    return names
 
 
 def _token_logprobs(logits, labels, vocab_size, temperature):
@@ -246,13 +398,17 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {model_cfg.vocab_size}")
     template = ChatTemplate(tokenizer)
     pools = [read_prompts(d.path, d.reward, template, cfg.data.max_bad_lines) for d in rl.datasets]
-    reward_fns = {d.reward: get_reward_fn(d.reward) for d in rl.datasets}
+    eval_pools = [read_prompts(d.path, d.reward, template, cfg.data.max_bad_lines) for d in rl.eval_datasets]
+    reward_fns = {d.reward: get_reward_fn(d.reward) for d in rl.datasets + rl.eval_datasets}
     max_prompt = max(len(p.tokens) for pool in pools for p in pool)
     tp = cfg.parallel.tp
     length = int(math.ceil((max_prompt + rl.max_response_tokens) / tp) * tp)
 
+    if rl.routing_replay and not model_cfg.is_moe:
+        raise ConfigError(f"rl.routing_replay: {cfg.model.load} is a dense model, without a router")
     model = build_model(model_cfg, calculate_per_token_loss=True, recompute=cfg.model.recompute,
-                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
+                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+                        **({"moe_enable_routing_replay": True} if rl.routing_replay else {}))
     if resume_from is not None:
         check_same_architecture(model_cfg, ModelConfig.load(resume_from), str(resume_from))
     else:
@@ -294,53 +450,47 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mbs = cfg.train.micro_batch_size
+    replay = RoutingReplay(model) if rl.routing_replay else None
+
+    def generate_round(seed):
+        prompts = sample_prompts(pools, [d.weight for d in rl.datasets], rl.prompts_per_rollout, seed=seed)
+        raw = fleet.generate([p.tokens for p in prompts], rl.samples_per_prompt, rl.temperature,
+                             rl.max_response_tokens, tokenizer.eos_id, tokenizer.pad_id, seed=seed,
+                             record_routing=rl.routing_replay)
+        return raw, prompts
+
+    def score_fn(raw, prompts):
+        return score(raw, prompts, tokenizer, reward_fns)
+
+    def run_eval(at_step):  # on rank 0 only: the fleet is there
+        if not rank0:
+            return {}
+        return evaluate(fleet, dict(zip(_eval_names(rl.eval_datasets), eval_pools)), score_fn, rl,
+                        tokenizer.eos_id, tokenizer.pad_id, seed=cfg.train.seed * 100003 + 7 * at_step + 5)
+
     metrics = MetricsLogger(out_dir, total_steps, start_step=step, enabled=rank0)
     try:
+        if rl.eval_interval and step == 0:  # the starting policy, the curve's first point
+            metrics.log(0, run_eval(0), tokens=0, print_line=False)
         while step < total_steps:
             t0 = time.perf_counter()
             rollouts, stats = None, {}
             if rank0:
-                prompts = sample_prompts(pools, [d.weight for d in rl.datasets], rl.prompts_per_rollout,
-                                         seed=cfg.train.seed * 100003 + step)
-                raw = fleet.generate([p.tokens for p in prompts], rl.samples_per_prompt, rl.temperature,
-                                     rl.max_response_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                                     seed=cfg.train.seed * 100003 + step)
-                t_gen = time.perf_counter() - t0
-                t_score = time.perf_counter()
-                rollouts, reward_errors = score(raw, prompts, tokenizer, reward_fns)
-                t_score = time.perf_counter() - t_score
-                rewards = torch.tensor([r.reward for r in rollouts])
-                adv = group_advantages(rewards, rl.samples_per_prompt, rl.advantage_scale)
-                keep, dropped = drop_uniform_groups(rewards, rl.samples_per_prompt)
-                for r, a in zip(rollouts, adv.tolist()):
-                    r.advantage = a
-                kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
-                lengths = torch.tensor([len(r.completion) for r in rollouts], dtype=torch.float)
-                stats = {
-                    "reward_mean": rewards.mean().item(),
-                    "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                    "reward_p10": rewards.quantile(0.1).item(),
-                    "reward_p50": rewards.quantile(0.5).item(),
-                    "reward_p90": rewards.quantile(0.9).item(),
-                    "reward_errors": reward_errors,
-                    "response_length": lengths.mean().item(),
-                    "groups_dropped_share": dropped / rl.prompts_per_rollout,
-                    "time_generation_s": t_gen,
-                    "time_reward_s": t_score,
-                    "worker_restarts": fleet.restarts_seen,
-                }
-                rollouts = kept
+                rollouts, stats = collect_rollouts(generate_round, score_fn, rl, seed=cfg.train.seed * 100003 + step)
+                stats["worker_restarts"] = fleet.restarts_seen
             rollouts, stats = _broadcast((rollouts, stats))
 
             t1 = time.perf_counter()
             update = {}
             if rollouts:
                 update = _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, rl,
-                                 length, mbs, dp_rank, dp_size, tokenizer.pad_id)
+                                 length, mbs, dp_rank, dp_size, tokenizer.pad_id, replay)
             scheduler.step(increment=1)
             t_train = time.perf_counter() - t1
             step += 1
             t_sync = push(step)
+            if rl.eval_interval and (step % rl.eval_interval == 0 or step == total_steps):
+                stats.update(run_eval(step))
             n_tokens = sum(len(r.prompt) + len(r.completion) for r in rollouts)
             metrics.log(step, {**stats, **update, "loss": update.get("loss", 0.0),
                                "lr": optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0,
@@ -350,6 +500,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             if rank0 and (step % cfg.train.log_interval == 0 or step == total_steps):
                 print(f"step {step}/{total_steps} | reward {stats['reward_mean']:.3f} | "
                       f"len {stats['response_length']:.1f} | dropped {stats['groups_dropped_share']:.2f} | "
+                      f"rounds {stats['dynamic_sampling_rounds']} | overlong {stats['overlong_share']:.2f} | "
+                      f"entropy {stats['entropy']:.2f} | "
                       f"clip {update.get('clip_frac', 0):.3f} | gen {stats['time_generation_s']:.1f}s "
                       f"score {stats['time_reward_s']:.1f}s "
                       f"train {t_train:.1f}s sync {t_sync:.1f}s", flush=True)
@@ -381,19 +533,26 @@ def _rank_share(rollouts: list[Rollout], dp_rank: int, dp_size: int) -> list[Rol
 
 
 def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, rl, length, mbs,
-            dp_rank, dp_size, pad_id) -> dict:
+            dp_rank, dp_size, pad_id, replay: RoutingReplay | None = None) -> dict:
     """``rl.minibatches`` optimizer steps on the rollouts, each on this rank's share of one
     minibatch. The old policy (the ratio's denominator) is the trainer's policy before the
-    first of them, as in PPO: later minibatches see ratios away from 1, and clip."""
+    first of them, as in PPO: later minibatches see ratios away from 1, and clip.
+
+    With ``replay`` every forward pass of the policy (old log-probs and updates) routes each
+    token to the experts the rollout chose; the KL reference routes by its own router."""
     n_mb = min(rl.minibatches, len(rollouts))
     bounds = [round(i * len(rollouts) / n_mb) for i in range(n_mb + 1)]
-    minibatches = [to_microbatches(_rank_share(rollouts[a:b], dp_rank, dp_size), length, mbs, pad_id)
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    minibatches = [to_microbatches(_rank_share(rollouts[a:b], dp_rank, dp_size), length, mbs, pad_id,
+                                   full=pipelined, top_k=model_cfg.moe_topk if model_cfg.is_moe else 1)
                    for a, b in zip(bounds, bounds[1:])]
     vocab = model_cfg.vocab_size
+    before_forward = None if replay is None else (lambda mb: replay.set(mb.routing))
 
     # The policy that generated: the trainer's own log-probs before the update.
     every = [mb for group in minibatches for mb in group]
-    old = forward_backward(ddp, every, vocab, forward_only=True, keep_logits=True, loss_fn=_zero_loss)
+    old = forward_backward(ddp, every, vocab, forward_only=True, keep_logits=True, loss_fn=_zero_loss,
+                           before_forward=before_forward)
     for mb, logits in zip(every, old.logits):
         mb.old_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
     if ref_model is not None:
@@ -413,6 +572,7 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
             clip_low=rl.clip_low, clip_high=rl.clip_high, loss_agg=rl.loss_agg,
             rollout_logprobs=mb.rollout_logprobs.to(device), tis_cap=rl.tis_cap,
             ref_logprobs=getattr(mb, "ref_logprobs", None), kl_beta=rl.kl_beta,
+            clip_ratio_c=rl.clip_ratio_c,
         )
         # megatron sums what each microbatch returns and divides by the summed count over
         # all microbatches and data-parallel ranks: tokens for token-mean, sequences for
@@ -428,7 +588,7 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
     for group in minibatches:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        out = forward_backward(ddp, group, vocab, loss_fn=loss_fn)
+        out = forward_backward(ddp, group, vocab, loss_fn=loss_fn, before_forward=before_forward)
         router_rows.mask_gradients()
         _, grad_norm, _ = optimizer.step()
         router_rows.restore()
@@ -437,13 +597,30 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         losses.append((totals[0] / totals[1].clamp(min=1)).item())
         grad_norms.append(float(grad_norm or 0.0))
+    if replay is not None:
+        replay.clear()
     weight = sum(c["count"] for c in collected) or 1.0
     avg = {k: sum(c[k] * c["count"] for c in collected) / weight
-           for k in ("clip_frac", "ratio_mean") if collected and k in collected[0]}
+           for k in ("clip_frac", "clip_frac_dual", "ratio_mean") if collected and k in collected[0]}
     if collected and "kl_mean" in collected[0]:
         avg["kl"] = sum(c["kl_mean"] * c["count"] for c in collected) / weight
-    return {"loss": sum(losses) / len(losses), "grad_norm": max(grad_norms), "updates": len(minibatches),
-            **avg}
+    result = {"loss": sum(losses) / len(losses), "grad_norm": max(grad_norms), "updates": len(minibatches),
+              **avg}
+    return from_last_stage(result)
+
+
+def from_last_stage(values: dict) -> dict:
+    """``values`` as the last pipeline stage computed them, on every stage.
+
+    Only the last stage computes the loss and sees the log-probs, so the loss, clip
+    fractions and KL exist there alone; rank 0, which logs, is on the first stage. With one
+    stage this returns ``values`` unchanged."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return values
+    box = [values]
+    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]
 
 
 def _zero_loss(logits, mb, out):
@@ -452,23 +629,36 @@ def _zero_loss(logits, mb, out):
 
 
 def plot_reward_curve(metrics_path: Path, out_png: Path) -> Path:
+    """The training reward per rollout (mean, p10-p90) with the held-out evaluation beside it
+    (greedy reward and pass@k per eval dataset, when ``rl.eval_interval`` is set), and the
+    policy's token entropy below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(steps, [r["reward_mean"] for r in rows], label="mean reward", lw=1.8)
-    ax.fill_between(steps, [r["reward_p10"] for r in rows], [r["reward_p90"] for r in rows],
-                    alpha=0.2, label="p10-p90")
-    ax.set_xlabel("step")
+    train = [r for r in rows if "reward_mean" in r]
+    steps = [r["step"] for r in train]
+    fig, (ax, ax_h) = plt.subplots(2, 1, figsize=(6, 5.5), dpi=120, sharex=True,
+                                   gridspec_kw={"height_ratios": [2, 1]})
+    ax.plot(steps, [r["reward_mean"] for r in train], label="train reward", lw=1.8)
+    ax.fill_between(steps, [r["reward_p10"] for r in train], [r["reward_p90"] for r in train],
+                    alpha=0.2, label="train p10-p90")
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.endswith("_acc")})
+    for key in eval_keys:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, lw=1.2,
+                ls="--", label=key.removeprefix("eval/"))
     ax.set_ylabel("reward")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
-    ax.set_title("RLVR: reward per rollout")
+    ax.set_title("RLVR: reward per rollout and held-out evaluation")
+    ax_h.plot(steps, [r.get("entropy", float("nan")) for r in train], color="tab:purple", lw=1.5)
+    ax_h.set_xlabel("step")
+    ax_h.set_ylabel("token entropy (nats)")
+    ax_h.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
