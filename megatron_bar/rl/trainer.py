@@ -4,13 +4,17 @@
     torchrun --nproc-per-node 8 -m megatron_bar.rl CONFIG.yaml rl.ray_address=HEAD:6379
 
 Each step: rank 0 samples ``rl.prompts_per_rollout`` prompts, the fleet answers each
-``rl.samples_per_prompt`` times, the verifiers score the answers, GRPO turns the scores into
-group-relative advantages (groups whose rewards are all equal carry no signal and are
-dropped), the training ranks compute their own log-probs of the rollouts and take
+``rl.samples_per_prompt`` times, the verifiers score the answers, responses cut at the
+length limit are kept, masked or penalised (``rl.overlong``), the scores become
+group-relative advantages (``rl.advantage``; groups whose rewards are all equal carry no
+signal and are dropped, or replaced by groups of new prompts with ``rl.dynamic_sampling``),
+the training ranks compute their own log-probs of the rollouts (routing each token to the
+rollout's experts with ``rl.routing_replay``) and take
 ``rl.minibatches`` optimizer steps (one by default) on the clipped policy loss (with
 truncated importance sampling against the rollout engine's log-probs), and the new
-weights go back to every worker. The
-``rlvr`` freeze policy applies: every shared parameter trains, the anchor expert stays.
+weights go back to every worker. Every ``rl.eval_interval`` steps the policy answers
+``rl.eval_datasets`` (greedy and pass@k). The ``rlvr`` freeze policy applies: every
+shared parameter trains, the anchor expert stays.
 """
 
 from __future__ import annotations
@@ -264,8 +268,8 @@ def to_microbatches(rollouts: list[Rollout], length: int, micro_batch_size: int,
 def collect_rollouts(generate, score_fn, rl: "RLConfig", seed: int) -> tuple[list[Rollout], dict]:
     """One step's training samples and their metrics (rank 0).
 
-    ``generate(prompts_seed, gen_seed)`` runs one round of the fleet and returns
-    ``(raw, prompts)``; ``score_fn(raw, prompts)`` turns it into ``(rollouts, errors)``.
+    ``generate(seed)`` samples prompts and runs one round of the fleet with that seed and
+    returns ``(raw, prompts)``; ``score_fn(raw, prompts)`` turns it into ``(rollouts, errors)``.
     Each round: overlong handling (``rl.overlong``), advantages (``rl.advantage``), then
     :func:`dynamic_sampling` keeps the groups that carry signal - refilling with new prompts
     up to ``rl.dynamic_sampling_max_rounds`` rounds when ``rl.dynamic_sampling`` is on.
