@@ -95,3 +95,26 @@ def test_full_microbatches_pad_with_rows_that_carry_no_loss():
     assert last.routing.shape == (2, 6, 2, 1)
     assert last.routing[:, :4, 0].eq(1).all()
     assert [len(mb.tokens) for mb in to_microbatches(rollouts, 6, 2, pad_id=3)] == [2, 1]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("advantage", "ppo", "rl.advantage"),
+    ("clip_ratio_c", 1.0, "rl.clip_ratio_c"),
+    ("overlong", "drop", "rl.overlong"),
+    ("overlong_buffer", 5, "rl.overlong_buffer"),
+    ("dynamic_sampling_max_rounds", 0, "rl.dynamic_sampling_max_rounds"),
+    ("eval_interval", 2, "rl.eval_datasets is empty"),
+    ("eval_samples", 0, "rl.eval_samples"),
+])
+def test_bad_keys_are_clear_errors(key, value, message):
+    from megatron_bar.train.config import ConfigError
+    from megatron_bar.rl.trainer import RLDatasetConfig, RLTrainConfig
+
+    cfg = RLTrainConfig()
+    cfg.model.load = "ckpt"
+    cfg.train.steps = 1
+    cfg.rl = _cfg(datasets=[RLDatasetConfig("p.jsonl")])
+    cfg.validate()
+    setattr(cfg.rl, key, value)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
