@@ -61,9 +61,11 @@ def main() -> None:
                 rounds = [r["dynamic_sampling_rounds"] for r in rows if "dynamic_sampling_rounds" in r]
                 if mode == "on":
                     result["rounds_on"].append(sum(rounds) / len(rounds))
+                before = [r["dynamic_sampling_rounds"] for r in rows if r["step"] < n]
+                curve = " ".join(f"{r['reward_mean']:.2f}" for r in rows)
                 print(f"seed {seed} dynamic_sampling {mode:>3}: reward >= {args.threshold} at step {n} "
-                      f"(mean rounds per step {sum(rounds) / len(rounds):.2f}, final reward "
-                      f"{rows[-1]['reward_mean']:.3f})", flush=True)
+                      f"(rounds per step {sum(rounds) / len(rounds):.2f}, before the threshold "
+                      f"{sum(before) / max(len(before), 1):.2f}); rewards {curve}", flush=True)
     off = sum(result["off"]) / len(result["off"])
     on = sum(result["on"]) / len(result["on"])
     print(f"mean steps to {args.threshold}: without {off:.1f}, with {on:.1f} (ratio {on / off:.2f})")
