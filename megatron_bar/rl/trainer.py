@@ -559,6 +559,7 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
                            before_forward=before_forward)
     for mb, logits in zip(every, old.logits):
         mb.old_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
+    gap = _rollout_gap(every)
     if ref_model is not None:
         ref = forward_backward(ref_model, every, vocab, forward_only=True, keep_logits=True,
                                loss_fn=_zero_loss)
@@ -609,8 +610,23 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
     if collected and "kl_mean" in collected[0]:
         avg["kl"] = sum(c["kl_mean"] * c["count"] for c in collected) / weight
     result = {"loss": sum(losses) / len(losses), "grad_norm": max(grad_norms), "updates": len(minibatches),
-              **avg}
+              "rollout_logprob_gap": gap, **avg}
     return from_last_stage(result)
+
+
+def _rollout_gap(microbatches: list[Microbatch]) -> float:
+    """Mean |trainer - rollout| log-prob over the step's loss tokens on every data-parallel
+    rank: the mismatch truncated importance sampling corrects and routing replay narrows
+    (meaningful on the last pipeline stage, which has the trainer's log-probs)."""
+    totals = torch.zeros(2, dtype=torch.float64, device=platform.device())
+    for mb in microbatches:
+        if hasattr(mb, "old_logprobs"):
+            mask = mb.loss_mask.to(mb.old_logprobs.device).bool()
+            diff = (mb.old_logprobs - mb.rollout_logprobs.to(mb.old_logprobs.device)).abs()
+            totals[0] += diff[mask].double().sum().to(totals.device)
+            totals[1] += mask.sum().to(totals.device)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 def from_last_stage(values: dict) -> dict:
