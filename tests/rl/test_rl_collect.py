@@ -118,3 +118,26 @@ def test_bad_keys_are_clear_errors(key, value, message):
     setattr(cfg.rl, key, value)
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_evaluate_greedy_and_pass_at_k():
+    from megatron_bar.rl.trainer import Prompt, evaluate
+
+    # prompt 0: greedy scores 1, samples (1, 0); prompt 1: greedy 0.5, samples (0, 0)
+    scripted = {0.0: [[1.0], [0.5]], 1.0: [[1.0, 0.0], [0.0, 0.0]]}
+
+    class Fleet:
+        calls = []
+
+        def generate(self, tokens, k, temperature, *args):
+            self.calls.append((k, temperature))
+            return [{"prompt_index": i, "tokens": [5], "logprobs": [0.0], "reward": r}
+                    for i, rs in enumerate(scripted[temperature]) for r in rs]
+
+    def score(raw, prompts):
+        return [Rollout([1], x["tokens"], x["logprobs"], x["reward"]) for x in raw], 0
+
+    pool = [Prompt({}, [1], "x"), Prompt({}, [1], "x")]
+    out = evaluate(Fleet(), {"held": pool}, score, _cfg(eval_samples=2, temperature=1.0), 2, 3, seed=0)
+    assert Fleet.calls == [(1, 0.0), (2, 1.0)]  # greedy, then k samples at rl.temperature
+    assert out == {"eval/held/greedy": 0.75, "eval/held/greedy_acc": 0.5, "eval/held/pass@2": 0.5}
