@@ -477,7 +477,6 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         if rl.eval_interval and step == 0:  # the starting policy, the curve's first point
             metrics.log(0, run_eval(0), tokens=0, print_line=False)
         while step < total_steps:
-            t0 = time.perf_counter()
             rollouts, stats = None, {}
             if rank0:
                 rollouts, stats = collect_rollouts(generate_round, score_fn, rl, seed=cfg.train.seed * 100003 + step)
