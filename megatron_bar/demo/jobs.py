@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_bar.demo.warm import WarmInterpreter
+from megatron_bar.utils.errors import UserError
 
 # One thread per process by default, so that two steps share the 2 cores of a laptop
 # without oversubscribing them. A step's thread count is fixed by the graph (Job.threads),
@@ -40,7 +41,7 @@ STEP_ENV = {"PYTHONWARNINGS": "ignore",
             "RAY_ADDRESS": "local"}
 
 
-class StepFailed(RuntimeError):
+class StepFailed(UserError):
     """A demo step failed (non-zero exit, its log's tail in the message) or none can run."""
 
 
