@@ -414,7 +414,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         indexed.merge_indexed([r["shard"] for r in results if r["documents"]], tmp_prefix, cfg.mode, tok.vocab_size)
         for path in indexed.data_files(tmp_prefix, cfg.mode):
             # tmp_prefix has the final name, so these are the final file names
-            summary.files[path.name] = {"bytes": path.stat().st_size, "sha256": indexed.sha256_file(path)}
+            summary.files[path.name] = indexed.file_digests(path)
         indexed.summary_path(tmp_prefix).write_text(summary.to_json(), encoding="utf-8")
         files = _move_into_place(tmp_prefix, prefix, cfg.mode)
     finally:
