@@ -5,7 +5,7 @@ Each training stage runs in its own process, as on a cluster: megatron's process
 and parallel state are per process, and a fresh process per stage is the robust way to
 run many stages. By default the processes are forks of a warm interpreter
 (:mod:`megatron_bar.demo.warm`) that imported torch and megatron-core once, which saves
-each step ~7 s of imports; ``warm=False`` starts each as a new interpreter. The log of each step is kept in ``<run>/logs/<name>.log``; a failed step
+each step those imports; ``warm=False`` starts each as a new interpreter. The log of each step is kept in ``<run>/logs/<name>.log``; a failed step
 stops the demo with the tail of its log.
 
 Progress (rich): one bar over the whole demo weighted by each step's estimated cost,
