@@ -80,12 +80,11 @@ def disk_full_error(exc: BaseException, final: Path, tmp: Path,
         return None
     if not (_mentions_no_space(exc) or free < _NEARLY_FULL_BYTES):
         return None
-    written = _folder_bytes(tmp)
-    need = (f"needs about {format_bytes(need_bytes)}" if need_bytes
-            else f"{format_bytes(written)} written when the disk filled")
+    available = free + _folder_bytes(tmp)
+    estimate = f", about {format_bytes(need_bytes)} estimated" if need_bytes else ""
     return DiskFullError(
-        f"{final}: no space left on device ({need}; {format_bytes(free + written)} was free); "
-        "nothing was kept",
+        f"{final}: no space left on device: the output needs more than the "
+        f"{format_bytes(available)} that was free{estimate}; nothing was kept"
     )
 
 
