@@ -20,9 +20,10 @@ def user_error(exc: BaseException) -> BaseException | None:
     BaseException) carries each rank's failure: a user error inside it is reported as such."""
     if isinstance(exc, USER_ERRORS):
         return exc
-    failures = getattr(exc, "failures", None)
-    if type(exc).__name__ == "CheckpointException" and isinstance(failures, dict):
-        for wrapped, _trace in failures.values():
+    # Imported by whoever raised it; this module does not import torch.
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    if api is not None and isinstance(exc, api.CheckpointException):
+        for wrapped, _trace in exc.failures.values():
             if isinstance(wrapped, USER_ERRORS):
                 return wrapped
     return None

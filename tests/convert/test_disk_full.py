@@ -10,7 +10,6 @@ no size estimate, so that the write itself hits ENOSPC.
 
 from __future__ import annotations
 
-import errno
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -81,14 +80,3 @@ def test_dist_checkpoint_that_fills_the_disk(small_disk, mcore_dense_dir):
     model = build_for_conversion(cfg, checkpoint_dtype(mcore_dense_dir))
     load_weights(model, cfg, mcore_dense_dir)
     _fill_in(small_disk, lambda tmp: save_sharded(model.sharded_state_dict(), tmp))
-
-
-def test_checkpoint_exception_wrapping_a_user_error_is_one():
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    inner = OSError(errno.EIO, "Input/output error", "/ckpt/__0_0.distcp")
-    assert user_error(CheckpointException("save failed", {0: (inner, None)})) is inner
-    bug = CheckpointException("save failed", {0: (AttributeError("x"), None)})
-    assert user_error(bug) is None
-    # An out-of-memory or an NCCL failure is not the user's to fix: it keeps its traceback.
-    assert user_error(RuntimeError("CUDA out of memory")) is None
