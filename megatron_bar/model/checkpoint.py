@@ -64,9 +64,9 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
     megatron-core's torch_dist writer passes its write results through a queue built for
     asynchronous saves: a multiprocessing Manager served by a *spawned* process, a fresh
     interpreter whose start the first save of every process pays (seconds of CPU, longer
-    than a whole demo stage's training; bench/README.md, "Figures behind design choices"). Every save here is synchronous (the results are put and
-    taken in this process), so an in-process queue carries them; the format written is
-    unchanged. Set once per process, before the first save creates the Manager.
+    than a whole demo stage's training; bench/README.md, "Figures behind design choices").
+    Every save here is synchronous (the results are put and taken in this process), so an
+    in-process queue carries them; the format written is unchanged. Set once per process, before the first save creates the Manager.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 

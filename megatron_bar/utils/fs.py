@@ -23,11 +23,13 @@ _NEARLY_FULL_BYTES = 1 << 20
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def _folder_bytes(path: Path) -> int:
@@ -120,7 +122,8 @@ def atomic_output_dir(final: str | Path, *, is_writer: bool = True, barrier=None
     if barrier:
         barrier()
     try:
-        # After the barrier: every rank sees the same free space and refuses alike.
+        # After the barrier and before any rank writes (megatron's save coordinates the
+        # ranks before its first write): every rank sees the same free space and refuses alike.
         check_free_space(final, need_bytes)
     except DiskFullError:
         if is_writer:
