@@ -95,7 +95,15 @@ class MetricsLogger:
             self._tb.close()
 
 
-def _read_records(path: Path) -> tuple[list[tuple[str, dict]], bool]:
+def check_metrics_file(output_dir: str | Path) -> None:
+    """A ``metrics.jsonl`` that a resume would stop on (a bad line before the last) is an
+    error naming file and line: called before the checkpoint loads, which may take minutes."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if path.is_file():
+        _read_records(path, warn=False)
+
+
+def _read_records(path: Path, warn: bool = True) -> tuple[list[tuple[str, dict]], bool]:
     """``(line, record)`` of every complete line, and whether the last line is torn (cut
     short by a kill: no newline at its end, or not a record). A bad line elsewhere is an
     error naming the file and line."""
@@ -114,8 +122,9 @@ def _read_records(path: Path) -> tuple[list[tuple[str, dict]], bool]:
             if number < len(lines):
                 raise ValueError(f"{path}:{number}: not a metrics record ({e}); fix or remove "
                                  "the line") from None
-            log.warning("%s:%d: dropped a torn last line (a run killed while writing it): %.60r",
-                        path, number, line)
+            if warn:
+                log.warning("%s:%d: dropped a torn last line (a run killed while writing it): %.60r",
+                            path, number, line)
             torn = True
             continue
         records.append((line, record))

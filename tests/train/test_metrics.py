@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from megatron_bar.train.metrics import MetricsLogger, read_metrics
+from megatron_bar.train.metrics import MetricsLogger, check_metrics_file, read_metrics
 
 
 def write_rows(path, steps, tail=""):
@@ -57,7 +57,17 @@ def test_bad_line_inside_the_file_is_an_error_naming_file_and_line(tmp_path):
     before = path.read_bytes()
     with pytest.raises(ValueError, match=f"{path}:2: not a metrics record"):
         MetricsLogger(tmp_path, total_steps=10, start_step=3, tensorboard=False)
+    # ... and the trainer finds it before the checkpoint loads
+    with pytest.raises(ValueError, match=f"{path}:2: not a metrics record"):
+        check_metrics_file(tmp_path)
     assert path.read_bytes() == before
+
+
+def test_early_check_passes_a_torn_last_line_quietly(tmp_path, caplog):
+    write_rows(tmp_path / "metrics.jsonl", range(1, 4), tail='{"step": 4')
+    with caplog.at_level(logging.WARNING):
+        check_metrics_file(tmp_path)
+    assert caplog.text == ""  # the MetricsLogger that drops it says so, once
 
 
 def test_missing_history_is_a_warning_naming_the_file(tmp_path, caplog):
