@@ -7,8 +7,26 @@ import os
 import sys
 import warnings
 
-# Errors a user can fix (a path, a key, a file); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
+from megatron_bar.utils.errors import UserError
+
+# Errors a user can fix (a path, a key, a file, a full disk, a timeout); anything else - a
+# RuntimeError from torch such as an out-of-memory or an NCCL failure included - is not
+# the user's to fix and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, UserError)
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user error ``exc`` is or wraps, or None. torch's ``CheckpointException`` (a
+    BaseException) carries each rank's failure: a user error inside it is reported as such."""
+    if isinstance(exc, USER_ERRORS):
+        return exc
+    # Imported by whoever raised it; this module does not import torch.
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    if api is not None and isinstance(exc, api.CheckpointException):
+        for wrapped, _trace in exc.failures.values():
+            if isinstance(wrapped, USER_ERRORS):
+                return wrapped
+    return None
 
 
 def setup_logging() -> None:
@@ -25,8 +43,11 @@ def run(main) -> None:
     setup_logging()
     try:
         main()
-    except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    except BaseException as e:  # CheckpointException derives from BaseException
+        error = user_error(e)
+        if error is None:
+            raise
+        msg = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -53,3 +53,18 @@ def toy_data(tmp_path_factory) -> dict[str, Path]:
     from megatron_bar.demo.toy_data import write_toy_sets
 
     return write_toy_sets(tmp_path_factory.mktemp("toy-data"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (``helpers.SmallDisk``): disk-full tests skip where mounting is not allowed."""
+    from helpers import SmallDisk
+
+    disk = SmallDisk(tmp_path / "small-disk", size_kib=64)
+    why = disk.mount()
+    if why:
+        pytest.skip(why)
+    try:
+        yield disk.root
+    finally:
+        disk.unmount()

@@ -86,3 +86,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class SmallDisk:
+    """A tmpfs of a few KiB mounted on a folder (fixture ``small_disk``): a full disk on demand."""
+
+    def __init__(self, root: Path, size_kib: int):
+        self.root = root
+        self.size_kib = size_kib
+
+    def mount(self) -> str | None:
+        """Mount it; returns why it could not be mounted (then the test skips), or None."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size_kib}k", "tmpfs",
+                                   str(self.root)], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"mount not available: {e}"
+        return None if proc.returncode == 0 else f"cannot mount a tmpfs here (root needed): {proc.stderr.strip()}"
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", str(self.root)], capture_output=True, timeout=30)

@@ -31,6 +31,7 @@ from megatron_bar.convert.hf_io import (
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_checkpoint_files, load_weights, save_model
 from megatron_bar.model.config import ModelConfig
+from megatron_bar.utils.errors import UserError
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ __all__ = [
 def _require_one_rank():
     platform.initialize()
     if dist.get_world_size() != 1:
-        raise RuntimeError("conversion runs in a single process (not under torchrun)")
+        raise UserError("conversion runs in a single process (not under torchrun)")
 
 
 def build_for_conversion(cfg: ModelConfig, dtype: torch.dtype):
@@ -123,7 +124,8 @@ def mcore_to_hf(load_dir: str | Path, save_dir: str | Path, max_shard_bytes: int
     load_weights(model, cfg, load_dir)
     state = model.state_dict()
 
-    with atomic_output_dir(save_dir) as tmp:
+    need = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    with atomic_output_dir(save_dir, need_bytes=need) as tmp:
         writer = SafetensorsWriter(tmp, max_shard_bytes)
         for m in keymap.tensor_maps(cfg):
             for key, tensor in zip(m.hf, keymap.to_hf(m, state[m.mcore], cfg)):

@@ -8,6 +8,7 @@ limit and writes the index, as ``save_pretrained`` does.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,12 @@ _CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 class HFFormatError(ValueError):
     pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # -- config -------------------------------------------------------------------------------
@@ -243,6 +250,9 @@ class SafetensorsWriter:
     def _flush(self) -> None:
         path = self.dir / f"shard-{len(self._shards):05d}.partial"
         save_file(self._pending, str(path), metadata={"format": "pt"})
+        # safetensors creates the file 0600; the export is read by a cluster's other users
+        # like the config and tokenizer files beside it (0644 under the usual umask).
+        path.chmod(0o666 & ~_umask())
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

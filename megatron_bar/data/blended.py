@@ -198,7 +198,7 @@ class BlendedSamples:
         self.tokenizer_info = TokenizerInfo(tokenizer)
         self.sources: list[SourceInfo] = []
         for spec in specs:
-            src = open_indexed(spec.prefix, tokenizer, mode=spec.kind)
+            src = open_indexed(spec.prefix, tokenizer, mode=spec.kind, sample_seed=seed)
             docs = select_documents(
                 numpy.arange(src.num_documents, dtype=numpy.int32), sample_fraction, seed, spec.domain
             )

@@ -9,20 +9,24 @@ A dataset written by :mod:`megatron_bar.data.preprocess` at prefix ``P`` is:
   the same document boundaries holding the loss mask (uint8, 1 = trained target), so SFT
   keeps training on assistant tokens only. Text mode trains on every token and has none.
 * ``P.summary.json``: what the dataset is (mode, documents, tokens, the tokenizer's
-  fingerprint and vocabulary size, the largest token id, byte size and sha256 of every
-  file, skipped input lines with reasons). It is renamed into place last, so a dataset
-  without it is incomplete; the trainer refuses it.
+  fingerprint and vocabulary size, the largest token id, byte size, sha256 and per-chunk
+  XXH3-64 hashes of every file, skipped input lines with reasons). It is renamed into
+  place last, so a dataset without it is incomplete; the trainer refuses it.
 
 :func:`open_indexed` is the one way in: it checks the files against the summary (a
 truncated or corrupt ``.idx``/``.bin`` is a :class:`~megatron_bar.data.chat.DataError`
 naming the file), and, given the model's tokenizer, that the dataset was tokenized with
-it (same fingerprint) and has no id beyond its vocabulary.
+it (same fingerprint) and has no id beyond its vocabulary. Hashing a cluster-scale
+``.bin`` in full at every start would take minutes, so a start hashes the ``.idx`` files
+in full and a seeded sample of ``SAMPLE_CHUNKS`` chunks of each ``.bin``; the full check
+is ``verify_checksums`` (``tools/preprocess_data.py --verify``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -31,6 +35,7 @@ from struct import error as struct_error  # a header cut short
 from typing import Iterator
 
 import numpy
+import xxhash
 from megatron.core.datasets.indexed_dataset import (
     DType,
     IndexedDataset,
@@ -41,6 +46,8 @@ from megatron.core.datasets.indexed_dataset import (
 
 from megatron_bar.data.chat import DataError, TokenizedDocument
 from megatron_bar.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 FORMAT = "megatron_bar.indexed"
 FORMAT_VERSION = 1
@@ -69,12 +76,48 @@ def token_dtype(vocab_size: int):
     return DType.optimal_dtype(vocab_size)
 
 
+# Chunks of a data file hashed one by one (XXH3-64) by preprocessing; a start checks
+# SAMPLE_CHUNKS of them per .bin, chosen by a seed.
+CHUNK_BYTES = 1 << 22
+SAMPLE_CHUNKS = 8
+
+
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_digests(path: Path, chunk_bytes: int | None = None) -> dict:
+    """What the summary records of a data file, in one pass: its size, sha256 and the
+    XXH3-64 of each ``chunk_bytes`` chunk."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    whole, chunks = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            whole.update(chunk)
+            chunks.append(xxhash.xxh3_64_hexdigest(chunk))
+    return {"bytes": path.stat().st_size, "sha256": whole.hexdigest(),
+            "chunk_bytes": chunk_bytes, "chunk_xxh3_64": chunks}
+
+
+def sampled_chunks(num_chunks: int, seed: int, k: int = SAMPLE_CHUNKS) -> list[int]:
+    """The chunks of a file a start checks: all of a small file, else ``k`` chosen by ``seed``."""
+    if num_chunks <= k:
+        return list(range(num_chunks))
+    return sorted(numpy.random.default_rng(seed).choice(num_chunks, size=k, replace=False).tolist())
+
+
+def _check_chunks(path: Path, want: dict, chunks: list[int]) -> None:
+    size, hashes = want["chunk_bytes"], want["chunk_xxh3_64"]
+    with open(path, "rb") as f:
+        for i in chunks:
+            f.seek(i * size)
+            if xxhash.xxh3_64_hexdigest(f.read(size)) != hashes[i]:
+                raise DataError(f"{path}: bytes {i * size}-{min((i + 1) * size, want['bytes'])} differ "
+                                "from the hash preprocessing recorded: the file is corrupt", path=path)
 
 
 @dataclass
@@ -98,7 +141,7 @@ class IndexedSummary:
     tokenizer_vocab_size: int
     tokenizer: str  # where it was loaded from (informational)
     inputs: list[str]
-    files: dict[str, dict] = field(default_factory=dict)  # file name -> {bytes, sha256}
+    files: dict[str, dict] = field(default_factory=dict)  # file name -> file_digests()
     skipped_lines: int = 0
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     skipped_examples: list[dict] = field(default_factory=list)  # the first ones, with file + line
@@ -260,15 +303,18 @@ def open_indexed(
     *,
     mode: str | None = None,
     verify_checksums: bool = False,
+    sample_seed: int = 0,
 ) -> IndexedSource:
     """Open the dataset at ``prefix`` and check it; every problem is a DataError naming a file.
 
-    Always checked (cheap, no pass over the data): the summary, every file's byte size
+    Always checked (no pass over the .bin data): the summary, every file's byte size
     against the summary, the index structure, the .bin size against the index, the
-    document/token counts, the mask's document boundaries against the tokens'.
+    document/token counts, the mask's document boundaries against the tokens', the
+    ``.idx`` files' sha256 (in full), and ``SAMPLE_CHUNKS`` chunks of each ``.bin`` chosen
+    by ``sample_seed`` against their recorded hashes (every chunk of a small file).
     ``tokenizer``: the dataset must have been tokenized with it (same fingerprint) and its
     largest id must be below its vocabulary size. ``mode``: expected ``text`` or ``chat``.
-    ``verify_checksums``: also compare every file's sha256 with the summary (reads it all).
+    ``verify_checksums``: compare every file's sha256 with the summary (reads it all).
     """
     prefix = str(prefix)
     summary = IndexedSummary.read(prefix)
@@ -285,8 +331,6 @@ def open_indexed(
             raise DataError(
                 f"{path}: {size} bytes, the summary says {want['bytes']}: truncated or overwritten", path=path
             )
-        if verify_checksums and sha256_file(path) != want["sha256"]:
-            raise DataError(f"{path}: sha256 differs from the summary: the file is corrupt", path=path)
     tokens = _open_megatron(prefix)
     _check_bin_size(tokens, prefix)
     if len(tokens.document_indices) - 1 != summary.documents or int(tokens.sequence_lengths.sum()) != summary.tokens:
@@ -307,9 +351,26 @@ def open_indexed(
             and numpy.array_equal(mask.document_indices, tokens.document_indices)
         ):
             raise DataError(f"{get_idx_path(mp)}: document boundaries differ from {get_idx_path(prefix)}", path=get_idx_path(mp))
+    _check_contents(prefix, summary, verify_checksums, sample_seed)
     if tokenizer is not None:
         check_tokenizer(prefix, summary, tokenizer)
     return IndexedSource(prefix, summary, tokens, mask)
+
+
+def _check_contents(prefix: str, summary: IndexedSummary, full: bool, seed: int) -> None:
+    """Same bytes as preprocessing wrote: in full (``full``), else the ``.idx`` files in
+    full and a seeded sample of each ``.bin``'s chunks (open_indexed's docstring)."""
+    for number, path in enumerate(data_files(prefix, summary.mode)):
+        want = summary.files[path.name]
+        if full or path.suffix == ".idx":
+            if sha256_file(path) != want["sha256"]:
+                raise DataError(f"{path}: sha256 differs from the summary: the file is corrupt", path=path)
+        elif "chunk_xxh3_64" in want:
+            _check_chunks(path, want, sampled_chunks(len(want["chunk_xxh3_64"]), seed + number))
+        else:
+            log.warning("%s: its summary has no per-chunk hashes (written by an older "
+                        "preprocess_data.py): only its size is checked at start; "
+                        "tools/preprocess_data.py --verify %s checks it in full", path, prefix)
 
 
 def check_tokenizer(prefix: str, summary: IndexedSummary, tokenizer: Tokenizer) -> None:

@@ -50,6 +50,7 @@ from megatron_bar.data.chat import (
     parse_text_record,
 )
 from megatron_bar.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from megatron_bar.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def _init_worker(tokenizer_path, mode, add_special, fingerprint, out_dir, counte
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = build_tokenizer(tokenizer_path, mode, add_special)
     if tok.fingerprint() != fingerprint:  # cannot happen unless the files change under us
-        raise RuntimeError(f"worker loaded a different tokenizer from {tokenizer_path}")
+        raise UserError(f"worker loaded a different tokenizer from {tokenizer_path}")
     _worker.update(tok=tok, encoder=DocumentEncoder(tok, mode), mode=mode, out=Path(out_dir), counters=counters)
 
 
@@ -413,7 +414,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         indexed.merge_indexed([r["shard"] for r in results if r["documents"]], tmp_prefix, cfg.mode, tok.vocab_size)
         for path in indexed.data_files(tmp_prefix, cfg.mode):
             # tmp_prefix has the final name, so these are the final file names
-            summary.files[path.name] = {"bytes": path.stat().st_size, "sha256": indexed.sha256_file(path)}
+            summary.files[path.name] = indexed.file_digests(path)
         indexed.summary_path(tmp_prefix).write_text(summary.to_json(), encoding="utf-8")
         files = _move_into_place(tmp_prefix, prefix, cfg.mode)
     finally:

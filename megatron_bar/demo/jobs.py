@@ -5,7 +5,7 @@ Each training stage runs in its own process, as on a cluster: megatron's process
 and parallel state are per process, and a fresh process per stage is the robust way to
 run many stages. By default the processes are forks of a warm interpreter
 (:mod:`megatron_bar.demo.warm`) that imported torch and megatron-core once, which saves
-each step ~7 s of imports; ``warm=False`` starts each as a new interpreter. The log of each step is kept in ``<run>/logs/<name>.log``; a failed step
+each step those imports; ``warm=False`` starts each as a new interpreter. The log of each step is kept in ``<run>/logs/<name>.log``; a failed step
 stops the demo with the tail of its log.
 
 Progress (rich): one bar over the whole demo weighted by each step's estimated cost,
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_bar.demo.warm import WarmInterpreter
+from megatron_bar.utils.errors import UserError
 
 # One thread per process by default, so that two steps share the 2 cores of a laptop
 # without oversubscribing them. A step's thread count is fixed by the graph (Job.threads),
@@ -40,7 +41,7 @@ STEP_ENV = {"PYTHONWARNINGS": "ignore",
             "RAY_ADDRESS": "local"}
 
 
-class StepFailed(RuntimeError):
+class StepFailed(UserError):
     """A demo step failed (non-zero exit, its log's tail in the message) or none can run."""
 
 

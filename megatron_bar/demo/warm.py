@@ -2,9 +2,10 @@
 each step run in a fork of it.
 
 Every demo step is a command line a cluster user runs (``python -m megatron_bar.train CFG``,
-``python tools/merge_experts.py ...``). Run as fresh processes, each of the demo's ~40-70
-steps first spends ~7 s of CPU importing torch, megatron-core, transformers and matplotlib -
-more than most of the quick demo's stages spend training. This server imports them once;
+``python tools/merge_experts.py ...``). Run as fresh processes, each of the demo's dozens
+of steps first spends seconds of CPU importing torch, megatron-core, transformers and
+matplotlib - more than most of the quick demo's stages spend training (bench/README.md,
+"Figures behind design choices"). This server imports them once;
 for each step it forks, and the child becomes the step: the step's log as stdout and stderr,
 its environment, working directory and torch thread count, the random state of a fresh
 interpreter, ``sys.argv`` as the command line gives it, and the entry point run by ``runpy``

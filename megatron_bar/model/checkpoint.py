@@ -36,15 +36,37 @@ def check_same_architecture(expected: ModelConfig, found: ModelConfig, where: st
         raise CheckpointMismatch(f"{where} holds another architecture ({lines})")
 
 
+def sharded_bytes(sharded_state_dict: dict) -> int:
+    """About what a dist checkpoint of ``sharded_state_dict`` takes on disk: the bytes of
+    the tensors every rank writes (main replicas only), summed over the ranks. Every rank
+    calls (a collective)."""
+    import torch
+
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    from megatron_bar import platform
+
+    local = 0
+    for value in nested_values(sharded_state_dict):
+        data = getattr(value, "data", None)
+        if isinstance(data, torch.Tensor) and is_main_replica(getattr(value, "replica_id", 0)):
+            local += data.numel() * data.element_size()
+    total = torch.tensor([local], dtype=torch.float64, device=platform.device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return int(total.item())
+
+
 def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
     """megatron's ``dist_checkpointing.save`` (torch_dist format, synchronous).
 
     megatron-core's torch_dist writer passes its write results through a queue built for
     asynchronous saves: a multiprocessing Manager served by a *spawned* process, a fresh
-    interpreter that costs ~3.5 s of CPU the first time a process saves - longer than a
-    whole demo stage's training. Every save here is synchronous (the results are put and
-    taken in this process), so an in-process queue carries them; the format written is
-    unchanged. Set once per process, before the first save creates the Manager.
+    interpreter whose start the first save of every process pays (seconds of CPU, longer
+    than a whole demo stage's training; bench/README.md, "Figures behind design choices").
+    Every save here is synchronous (the results are put and taken in this process), so an
+    in-process queue carries them; the format written is unchanged. Set once per process, before the first save creates the Manager.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -61,8 +83,10 @@ def save_model(model, cfg: ModelConfig, directory: str | Path, write_extra=None)
     """
     directory = Path(directory)
     rank0 = dist.get_rank() == 0
-    with atomic_output_dir(directory, is_writer=rank0, barrier=dist.barrier) as tmp:
-        save_sharded(model.sharded_state_dict(), tmp)
+    state = model.sharded_state_dict()
+    with atomic_output_dir(directory, is_writer=rank0, barrier=dist.barrier,
+                           need_bytes=sharded_bytes(state)) as tmp:
+        save_sharded(state, tmp)
         if rank0:
             cfg.save(tmp)
             if write_extra:

@@ -12,7 +12,8 @@ transformers', the user's - sees the real torch.
 
 Each patch is a named, documented :class:`Patch`; :func:`apply_cpu_patches` applies them
 once, only when CUDA is absent, and refuses a megatron-core version they were not
-written against. ``tests/platform/test_cpu_patches.py`` exercises each one.
+written against. ``tests/platform/test_cpu_platform.py`` checks that each is applied
+and runs what they make possible (training steps, dist checkpoint save and load).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from megatron_bar.utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # The megatron-core releases these patches were written and tested against.
@@ -35,7 +38,7 @@ TESTED_MCORE_VERSIONS = ("0.16.0", "0.16.1")
 ALLOW_UNTESTED_ENV = "MEGATRON_BAR_ALLOW_UNTESTED_MCORE"
 
 
-class UnsupportedMegatronVersion(RuntimeError):
+class UnsupportedMegatronVersion(UserError):
     pass
 
 

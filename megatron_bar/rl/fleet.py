@@ -14,10 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 
+from megatron_bar.utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class RolloutError(RuntimeError):
+class RolloutError(UserError):
     pass
 
 

@@ -356,7 +356,7 @@ def get_reward_fn(name_or_path: str) -> RewardFn:
     Raises:
         ValueError: unknown name, module not importable, or no such function.
             The message says which.
-        TypeError: the attribute exists but is not callable.
+            Also when the attribute exists but is not callable.
     """
     if name_or_path in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[name_or_path]
@@ -375,7 +375,7 @@ def get_reward_fn(name_or_path: str) -> RewardFn:
     except AttributeError as e:
         raise ValueError(f"reward {name_or_path!r}: module {module_name!r} has no attribute {attr!r}") from e
     if not callable(fn):
-        raise TypeError(f"reward {name_or_path!r} is a {type(fn).__name__}, not a function")
+        raise ValueError(f"reward {name_or_path!r} is a {type(fn).__name__}, not a function")
     return fn
 
 

@@ -141,7 +141,41 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError(f"train.stage {self.train.stage!r} is not one of {sorted(FREEZE_POLICIES)}")
         if self.train.steps is None:
             raise ConfigError("train.steps is required for RLVR (one step = one rollout + update)")
+        validate_rl_settings(self.rl)
         return self
+
+
+def validate_rl_settings(rl: RLConfig) -> None:
+    """Every ``rl.*`` value in its range and every reward resolvable, so a bad setting is an
+    error naming its key before the model is built or Ray starts (issue 27)."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"rl.{key} must be {what}, got {getattr(rl, key)!r}")
+
+    need(rl.prompts_per_rollout >= 1, "prompts_per_rollout", "at least 1")
+    need(rl.temperature > 0, "temperature", "> 0 (the rollouts sample)")
+    need(rl.max_response_tokens >= 1, "max_response_tokens", "at least 1")
+    need(0 <= rl.clip_low < 1, "clip_low", "in [0, 1)")
+    need(rl.clip_high >= 0, "clip_high", ">= 0")
+    need(rl.kl_beta >= 0, "kl_beta", ">= 0")
+    need(rl.tis_cap > 0, "tis_cap", "> 0")
+    need(rl.num_workers >= 1, "num_workers", "at least 1 (the rollout workers)")
+    need(rl.cpus_per_worker > 0, "cpus_per_worker", "> 0")
+    need(rl.gpus_per_worker >= 0, "gpus_per_worker", ">= 0")
+    need(rl.threads_per_worker >= 1, "threads_per_worker", "at least 1")
+    need(rl.timeout_s > 0, "timeout_s", "> 0 (seconds)")
+    from megatron_bar.rl.rewards import get_reward_fn
+
+    for i, d in enumerate(rl.datasets):
+        if not d.weight >= 0:
+            raise ConfigError(f"rl.datasets[{i}].weight must be >= 0, got {d.weight!r}")
+        try:
+            get_reward_fn(d.reward)
+        except ValueError as e:
+            raise ConfigError(f"rl.datasets[{i}].reward: {e}") from None
+    if sum(d.weight for d in rl.datasets) <= 0:
+        raise ConfigError("rl.datasets: the weights must have a positive sum")
 
 
 # -- prompts ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_bar.model.checkpoint import check_checkpoint_files, save_sharded
+from megatron_bar.model.checkpoint import check_checkpoint_files, save_sharded, sharded_bytes
 from megatron_bar.model.config import ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir
 
@@ -113,7 +113,8 @@ def save_checkpoint(
             shutil.rmtree(final)
     dist.barrier()
     state = _sharded_state(model, optimizer, _rng_state())
-    with atomic_output_dir(final, is_writer=rank0, barrier=dist.barrier) as tmp:
+    with atomic_output_dir(final, is_writer=rank0, barrier=dist.barrier,
+                           need_bytes=sharded_bytes(state)) as tmp:
         save_sharded(state, tmp)
         if rank0:
             model_cfg.save(tmp)

@@ -44,7 +44,7 @@ from megatron_bar.train.config import TrainConfig, config_to_dict
 from megatron_bar.train.data import build_training_data, steps_for
 from megatron_bar.train.engine import forward_backward, make_optimizer, wrap_ddp
 from megatron_bar.train.gpu_features import fp8_overrides, use_distributed_optimizer
-from megatron_bar.train.metrics import MetricsLogger, plot_loss_curve
+from megatron_bar.train.metrics import MetricsLogger, check_metrics_file, plot_loss_curve
 from megatron_bar.train.preempt import Preemption
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,8 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = cfg.checkpoint_dir
     resume_from = ckpt.latest_checkpoint(ckpt_root)
+    if resume_from is not None:
+        check_metrics_file(out_dir)  # every rank: all stop alike
 
     ModelConfig.load(cfg.model.load)  # not a checkpoint: say so, before looking for its tokenizer
     tokenizer = _tokenizer_for(cfg)

@@ -72,6 +72,9 @@ def test_sharded_export_and_topk_at_load(mcore_moe_dir, tmp_path):
     mcore_to_hf(mcore_moe_dir, out, max_shard_bytes=200_000)
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    # Issue 27: the shards are readable by whoever can read config.json (safetensors makes 0600).
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1 and modes["config.json"] & 0o044, modes
     tokens, _ = batch(2, 16)
     for k in (1, 4):
         reference = tiny_hf_model(moe=True, num_experts_per_tok=k)

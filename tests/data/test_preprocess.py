@@ -184,13 +184,52 @@ def test_corrupt_or_truncated_files(dataset, hf_tokenizer_dir, file, how, messag
         open_indexed(dataset, tok)
 
 
-def test_corrupt_bin_of_the_right_size_needs_checksums(dataset, hf_tokenizer_dir):
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("file", ["ds.bin", "ds.loss_mask.bin", "ds.idx"])
+def test_bit_flip_of_a_small_dataset_is_caught_at_start(dataset, hf_tokenizer_dir, file):
+    """Issue 27, item 7: one flipped bit, same size, index still consistent. A .bin of one
+    chunk is hashed whole at start; an .idx always is."""
     tok = build_tokenizer(str(hf_tokenizer_dir), "chat")
-    bin_path = dataset.parent / "ds.bin"
-    _damage(bin_path, "flip")
-    open_indexed(dataset, tok)  # sizes and index still agree
-    with pytest.raises(DataError, match=r"ds\.bin: sha256 differs"):
-        open_indexed(dataset, tok, verify_checksums=True)
+    path = dataset.parent / file
+    if file == "ds.idx":  # a byte of the second document's pointer, which no structure check reads
+        sequences = int.from_bytes(path.read_bytes()[18:26], "little")
+        _flip(path, 34 + 4 * sequences + 8 + 5)
+    else:
+        _flip(path, path.stat().st_size - 3)
+    with pytest.raises(DataError, match=rf"{path}: .*(differ from the hash|sha256 differs)"):
+        open_indexed(dataset, tok)
+
+
+def test_bit_flip_in_a_large_bin_sampled_at_start_checked_in_full_by_verify(
+        tmp_path, corpus, hf_tokenizer_dir, monkeypatch):
+    """A .bin of many chunks: a start checks indexed.SAMPLE_CHUNKS of them (seeded), so a
+    flip there is caught at start and one elsewhere only by the full check (--verify)."""
+    from megatron_bar.data import indexed
+
+    monkeypatch.setattr(indexed, "CHUNK_BYTES", 64)
+    src = write_jsonl(tmp_path / "in.jsonl", chat_records(corpus, n=40))
+    prefix = tmp_path / "ds"
+    run([src], prefix, hf_tokenizer_dir, "chat")
+    tok = build_tokenizer(str(hf_tokenizer_dir), "chat")
+    bin_path = tmp_path / "ds.bin"
+    chunks = bin_path.stat().st_size // 64
+    assert chunks > 4 * indexed.SAMPLE_CHUNKS
+    seed = 7
+    sampled = indexed.sampled_chunks(chunks + 1, seed)  # ds.bin is data file 0: its seed is seed + 0
+    unsampled = next(i for i in range(chunks) if i not in sampled)
+    _flip(bin_path, unsampled * 64 + 5)
+    open_indexed(prefix, tok, sample_seed=seed)  # not in the sample: passes at start
+    with pytest.raises(DataError, match=rf"{bin_path}: sha256 differs"):
+        open_indexed(prefix, tok, verify_checksums=True)
+    _flip(bin_path, unsampled * 64 + 5)  # restored
+    _flip(bin_path, sampled[1] * 64 + 5)
+    with pytest.raises(DataError, match=rf"{bin_path}: bytes {sampled[1] * 64}-{sampled[1] * 64 + 64} differ"):
+        open_indexed(prefix, tok, sample_seed=seed)
 
 
 def test_bin_and_idx_that_disagree(dataset, hf_tokenizer_dir, tmp_path, corpus):

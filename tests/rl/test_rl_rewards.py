@@ -231,7 +231,7 @@ def test_registry_errors_name_what_was_not_found(name, message):
 
 
 def test_registry_rejects_non_callables():
-    with pytest.raises(TypeError, match="not a function"):
+    with pytest.raises(ValueError, match="not a function"):
         get_reward_fn("json:__version__")
 
 

@@ -310,7 +310,7 @@ def test_resume_ignores_stale_temporary_and_unmarked_checkpoints(
 ):
     """What two kills can leave: ``iter_0000009`` complete but never made ``latest`` (killed
     between the rename and the marker update), a ``.iter_0000012.incomplete`` full of
-    garbage (killed mid-write) and a half-written marker. The restart resumes from
+    garbage (killed mid-write), a half-written marker and a torn last line of metrics. The restart resumes from
     ``latest`` (step 6), replaces both, and finishes as the uninterrupted run."""
     from megatron_bar.train.checkpoint import latest_checkpoint
 
@@ -325,11 +325,14 @@ def test_resume_ignores_stale_temporary_and_unmarked_checkpoints(
     (garbage / "metadata.json").write_text("{not json")
     (garbage / "train_state.json").write_text(json.dumps({"step": 12}))
     (garbage / "__0_0.distcp").write_bytes(os.urandom(4096))
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in baseline.rows[:9]))
+    # the metrics of steps 1-9 and a torn line of step 10 (issue 27: it used to stop the resume)
+    torn = json.dumps(baseline.rows[9])[:-30]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in baseline.rows[:9]) + torn)
     assert latest_checkpoint(root) == root / "iter_0000006"
 
     log = launch().finish()
     assert f"resumed from {root / 'iter_0000006'} at step 6" in log, log[-3000:]
+    assert f"{out / 'metrics.jsonl'}:10: dropped a torn last line" in log, log[-3000:]
     assert_equals_baseline(out, baseline)
     assert iteration_dirs(root) == ["iter_0000009", "iter_0000012"]
     assert_same_weights(root / "iter_0000009", baseline.checkpoint(9))

@@ -240,3 +240,20 @@ def test_model_load_not_a_checkpoint(tmp_path, toy_data):
         train(load_config(config))
     message = str(e.value)
     assert str(folder / "model_config.json") in message and "checkpoint" in message, message
+
+
+def test_checkpoint_on_a_full_disk(small_disk, tmp_path, tiny_base, toy_data, train_cli):
+    """Issue 27, item 3: a checkpoint on a full disk (a 64 KiB tmpfs; skipped where mounting
+    is not allowed) is one error line naming its path and the space it needs, not a
+    ``[rank0]`` traceback of torch's CheckpointException; no half-written checkpoint."""
+    from megatron_bar.utils.fs import incomplete_path
+
+    out = small_disk / "run"
+    cfg = base_config(tiny_base, toy_data["general"], out)
+    cfg["checkpoint"]["interval"] = 1
+    proc = train_cli.run(train_cli.write_config(tmp_path / "run.yaml", cfg), cwd=tmp_path)
+    line = error_line(proc)
+    ckpt = out / "checkpoints" / "iter_0000001"
+    assert str(ckpt) in line and "needs about" in line and "free" in line, line
+    assert not ckpt.exists() and not incomplete_path(ckpt).exists()
+    assert not (out / "checkpoints" / "latest").exists()
