@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 from megatron_bar import platform
 from megatron_bar.bar.freeze import FREEZE_POLICIES
 from megatron_bar.convert.hf_io import hf_config_from_model_config
-from megatron_bar.data import ChatTemplate, Message, add_chat_special_tokens, load_tokenizer
+from megatron_bar.data import ChatTemplate, Message
 from megatron_bar.data.chat import DataError, ROLES
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_same_architecture, load_weights
@@ -43,6 +43,7 @@ from megatron_bar.train.engine import Microbatch, forward_backward
 from megatron_bar.train.metrics import MetricsLogger, read_metrics
 from megatron_bar.train.preempt import Preemption
 from megatron_bar.train.trainer import setup_training
+from megatron_bar.train.vocab_fit import stage_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +241,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
     model_cfg = ModelConfig.load(cfg.model.load)
     if cfg.model.moe_topk is not None:
         model_cfg = model_cfg.with_(moe_topk=cfg.model.moe_topk)
-    tokenizer = load_tokenizer(cfg.data.tokenizer or str(Path(cfg.model.load) / "tokenizer"))
-    add_chat_special_tokens(tokenizer)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {model_cfg.vocab_size}")
+    # A tokenizer that does not fit the model's rows is refused before any prompt is read.
+    tokenizer = stage_tokenizer(cfg.model.load, model_cfg.vocab_size, cfg.data.tokenizer).tokenizer
     template = ChatTemplate(tokenizer)
     pools = [read_prompts(d.path, d.reward, template, cfg.data.max_bad_lines) for d in rl.datasets]
     reward_fns = {d.reward: get_reward_fn(d.reward) for d in rl.datasets}
