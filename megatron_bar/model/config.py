@@ -45,6 +45,9 @@ class ModelConfig:
     vocab_pad_multiple: int = 128
     # HF fields carried through conversion untouched (token ids, etc.).
     hf_extra: dict = field(default_factory=dict)
+    # dtype of the HF checkpoint the model was converted from ("bfloat16", ...): the
+    # export's default, whatever precision training kept the weights in.
+    source_dtype: str | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
