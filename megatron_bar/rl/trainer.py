@@ -173,7 +173,10 @@ def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns
     rollouts, errors = [], 0
     for r in rollouts_raw:
         p = prompts[r["prompt_index"]]
-        text = tokenizer.decode([t for t in r["tokens"] if t != tokenizer.eos_id], skip_special_tokens=False)
+        # A padded vocabulary's unused rows can be sampled too; like a serving detokenizer,
+        # they read as no text.
+        text = tokenizer.decode([t for t in r["tokens"] if t != tokenizer.eos_id and t < tokenizer.vocab_size],
+                                skip_special_tokens=False)
         value, error = safe_reward(reward_fns[p.reward], p.record, text)
         errors += error is not None
         rollouts.append(Rollout(p.tokens, r["tokens"], r["logprobs"], value))

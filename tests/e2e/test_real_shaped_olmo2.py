@@ -111,6 +111,14 @@ def test_tokenizer_that_does_not_fit_is_refused_before_reading_data(dense, sourc
     tok.save(big / "tokenizer")
     with pytest.raises(TokenizerMismatch, match=rf"has {real.VOCAB_ROWS + 1} tokens but .* has {real.VOCAB_ROWS} vocabulary rows"):
         _train(big, missing, tmp_path / "out")
+    # the RLVR trainer too, before reading its prompts
+    from megatron_bar.rl.trainer import RLTrainConfig, train_rl
+
+    rl_config = CONFIG.parent / "rlvr_digits.yaml"
+    rl_datasets = json.dumps([{"path": str(missing), "reward": "megatron_bar.demo.toy_rl:digits_reward"}])
+    with pytest.raises(TokenizerMismatch, match=rf"has {real.VOCAB_ROWS + 1} tokens but .* has {real.VOCAB_ROWS} vocabulary rows"):
+        train_rl(load_config(rl_config, [f"model.load={big}", f"rl.datasets={rl_datasets}",
+                                         f"train.output_dir={tmp_path / 'rl'}"], cls=RLTrainConfig))
     # another tokenizer (same size, other tokens) named by data.tokenizer
     other = tmp_path / "other-tok"
     tok = load_tokenizer(dense / "tokenizer")
