@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from megatron_bar.utils.quiet import quiet_dependency_warnings
+
 # Errors a user can fix (a path, a key, a file); anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 
@@ -16,6 +18,7 @@ def setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # megatron-core and its dependencies announce optional kernels they did not find.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    quiet_dependency_warnings()
     for noisy in ("megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

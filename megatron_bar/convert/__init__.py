@@ -50,6 +50,13 @@ __all__ = [
 ]
 
 
+def _progress(maps, desc: str):
+    """A progress bar over the tensors of a conversion (minutes for a 7B model)."""
+    from tqdm import tqdm
+
+    return tqdm(list(maps), desc=desc, unit=" tensors", mininterval=1.0, leave=False)
+
+
 def _require_one_rank():
     platform.initialize()
     if dist.get_world_size() != 1:
@@ -99,7 +106,7 @@ def hf_to_mcore(hf_dir: str | Path, save_dir: str | Path) -> ModelConfig:
     model = build_for_conversion(cfg, dtype)
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for m in keymap.tensor_maps(cfg):
+        for m in _progress(keymap.tensor_maps(cfg), f"reading {hf_dir.name}"):
             params[m.mcore].copy_(keymap.to_mcore(m, [reader.get(k) for k in m.hf], cfg))
 
     def add_tokenizer(tmp: Path):
@@ -148,7 +155,7 @@ def mcore_to_hf(load_dir: str | Path, save_dir: str | Path, max_shard_bytes: int
 
     with atomic_output_dir(save_dir) as tmp:
         writer = SafetensorsWriter(tmp, max_shard_bytes)
-        for m in keymap.tensor_maps(cfg):
+        for m in _progress(keymap.tensor_maps(cfg), f"writing {save_dir.name}"):
             for key, tensor in zip(m.hf, keymap.to_hf(m, state[m.mcore], cfg)):
                 writer.add(key, tensor.to(out_dtype))
         writer.close()

@@ -188,6 +188,9 @@ def to_transformer_config(
             moe_grouped_gemm=use_transformer_engine,
             moe_permute_fusion=False,
         )
+    # megatron-core 0.16's default ("full") is deprecated in favour of the empty list, which
+    # means the same (the whole layer) without a warning on every model built.
+    kwargs["cuda_graph_scope"] = []
     kwargs.update(overrides)
     renormalised_top1 = cfg.is_moe and cfg.moe_topk == 1 and cfg.norm_topk_prob
     if renormalised_top1:

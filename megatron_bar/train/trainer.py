@@ -252,7 +252,7 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
     # Not a checkpoint, or a tokenizer that does not fit it: say so before reading any data.
     fit = _tokenizer_for(cfg, ModelConfig.load(cfg.model.load).vocab_size)
     tokenizer = fit.tokenizer
-    data = build_training_data(cfg.data, tokenizer, cfg.train.seed)
+    data = build_training_data(cfg.data, tokenizer, cfg.train.seed, progress=dist.get_rank() == 0)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp_size):
