@@ -281,11 +281,12 @@ class ChatTemplate:
         text = self._render(messages, add_generation_prompt)
         at = 0
         for k, m in enumerate(messages):  # a template that drops a role would drop data silently
-            found = text.find(m.content, at)
+            content = m.content.strip()  # templates may trim (Llama 3's does)
+            found = text.find(content, at)
             if found < 0:
                 raise ValueError(f"the chat template does not write messages[{k}] (role {m.role!r}): "
                                  f"does it know that role?")
-            at = found + len(m.content)
+            at = found + len(content)
         return text
 
     def render_text(self, record: ChatRecord) -> str:
