@@ -8,14 +8,13 @@ limit and writes the index, as ``save_pretrained`` does.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_bar.data.tokenizer import TOKENIZER_FILES, copy_companion_files
+from megatron_bar.data.tokenizer import copy_companion_files
 from megatron_bar.model.config import ConfigError, ModelConfig
 
 SUPPORTED_ARCHITECTURES = {
@@ -252,5 +251,5 @@ class SafetensorsWriter:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Every tokenizer file of ``src`` (:data:`TOKENIZER_FILES`), copied whole to ``dst``."""
+    """Every tokenizer file of ``src`` (``megatron_bar.data.tokenizer.TOKENIZER_FILES``), copied whole to ``dst``."""
     return copy_companion_files(src, dst)
