@@ -1,7 +1,7 @@
 """A checkpoint shaped like OLMo-2-1124-7B-Instruct (tests/olmo2_real_shaped.py: 100352
 vocabulary rows, a 100278-token byte-level BPE with the specials at the real ids, the Tulu
 template in chat_template.jinja, bf16) through the whole pipeline with no file edited by
-hand: convert -> upcycle -> SFT -> merge -> router -> export -> transformers generate."""
+hand: convert -> upcycle -> SFT -> RLVR -> merge -> router -> export -> transformers generate."""
 
 import json
 import logging
@@ -154,8 +154,23 @@ def test_pipeline_end_to_end(source, dense, data, tmp_path):
         new_row = real.TOKENIZER_SIZE
         assert torch.allclose(taken[key][new_row], start[key][:new_row].float().mean(0)), key  # mean-initialised
         assert torch.equal(taken[key][:new_row], start[key][:new_row]), key
+    # a short RLVR on the SFT expert: prompts rendered with the generation prompt, rollouts
+    # sampled from the whole 100352-row output layer
+    from megatron_bar.rl.trainer import RLTrainConfig, train_rl
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": c["messages"][:-1]}) + "\n"
+                               for c in real.conversations(4)))
+    rl_datasets = json.dumps([{"path": str(prompts), "reward": "megatron_bar.demo.toy_rl:digits_reward"}])
+    train_rl(load_config(CONFIG.parent / "rlvr_digits.yaml", [
+        f"model.load={ckpt}", f"rl.datasets={rl_datasets}", "rl.num_workers=1", "rl.samples_per_prompt=2",
+        "rl.prompts_per_rollout=2", "rl.max_response_tokens=4", "train.steps=1", "train.micro_batch_size=4",
+        f"train.output_dir={tmp_path / 'rl'}", "checkpoint.interval=1"], cls=RLTrainConfig))
+    rl_ckpt = tmp_path / "rl" / "checkpoints" / "iter_0000001"
+    assert (rl_ckpt / "tokenizer" / "chat_template.jinja").read_bytes() == (source / "chat_template.jinja").read_bytes()
+
     merged = tmp_path / "merged"
-    merge_experts([("math", ckpt), ("general", other)], merged, print_fn=lambda *a: None)
+    merge_experts([("math", rl_ckpt), ("general", other)], merged, print_fn=lambda *a: None)
     router = _train(merged, data, tmp_path / "router", "train.stage=router", "train.steps=1")
 
     export = tmp_path / "export"
