@@ -1,4 +1,5 @@
-"""Growing the vocabulary when a stage adds special tokens (tool-call markers, roles).
+"""The vocabulary rows of special tokens a stage adds (tool-call markers): grown, or a
+padded checkpoint's unused rows taken (:func:`mean_init_rows`).
 
 The new rows of the embedding and of the LM head start as the mean of the existing rows
 (the usual choice: the new token starts "average" rather than random, so the first logits
