@@ -18,9 +18,8 @@ rely on them:
   id (Hugging Face's default behaviour). This is what makes ``"<tool_call>"``
   one token once it has been added.
 * ``add_special_tokens`` appends new tokens at the end of the vocabulary, in
-  order, and is idempotent. Growing the vocabulary means the model's embedding
-  and output layer must be resized; that is the model code's job, and
-  ``vocab_size`` is the number it has to cover.
+  order, and is idempotent. The model's embedding must cover ``vocab_size``: a
+  padded checkpoint's unused rows first, else grown (megatron_bar.train.vocab_fit).
 * ``save(dir)`` writes a folder that :func:`load_tokenizer` reads back to an
   identical tokenizer (same :meth:`Tokenizer.fingerprint`), added tokens
   included, and carries every other file of the folder the tokenizer was loaded
@@ -436,8 +435,7 @@ def train_sentencepiece(
     * ``normalization_rule_name="identity"``, ``remove_extra_whitespaces=False``,
       ``add_dummy_prefix=False``: no NFKC rewriting, whitespace kept, and no
       space invented at the start of each encoded chunk. Together they make the
-      round trip exact and let the chat template encode its segments
-      separately and concatenate them.
+      round trip exact.
     * ``split_digits=True``: digits are single tokens (arithmetic in the math domain).
     * ``user_defined_symbols``: pass the chat role markers here
       (``chat.CHAT_SPECIAL_TOKENS``) so they are atomic pieces of the model.
