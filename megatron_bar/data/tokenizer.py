@@ -173,10 +173,6 @@ class Tokenizer(abc.ABC):
         """The tokenizer's own chat template (see :func:`read_chat_template`), or None."""
         return read_chat_template(self.source_dir) if self.source_dir is not None else None
 
-    def token_text(self, token_id: int) -> str:
-        """The text that encodes to ``token_id`` (what a chat template writes for BOS/EOS)."""
-        return self.decode([token_id])
-
     def fingerprint(self) -> str:
         """sha256 hex digest of the id <-> token mapping and the special tokens.
 
