@@ -80,10 +80,9 @@ def measure_row(row: dict) -> dict:
                           max_new_tokens=row["max_new_tokens"])
         kind = "score"
     elif row.get("heldout"):
-        from megatron_bar.data import add_chat_special_tokens, load_tokenizer, read_jsonl
+        from megatron_bar.data import load_tokenizer, read_jsonl
 
         tok = load_tokenizer(Path(row["path"]) / "tokenizer")
-        add_chat_special_tokens(tok)
         records = {d: read_jsonl(p, "chat").records[-row["heldout_docs"]:] for d, p in row["heldout"].items()}
         scores = heldout_loss(model, tok, records)
         kind = "loss"

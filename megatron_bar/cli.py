@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from megatron_bar.utils.errors import UserError
+from megatron_bar.utils.quiet import quiet_dependency_warnings
 
 # Errors a user can fix (a path, a key, a file, a full disk, a timeout); anything else - a
 # RuntimeError from torch such as an out-of-memory or an NCCL failure included - is not
@@ -34,6 +35,7 @@ def setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # megatron-core and its dependencies announce optional kernels they did not find.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    quiet_dependency_warnings()
     for noisy in ("megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

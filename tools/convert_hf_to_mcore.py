@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Convert an HF Olmo 2 (dense) or FlexOlmo (MoE) folder to a megatron dist checkpoint.
 
-The checkpoint loads at any TP / PP / EP. Example:
-    python tools/convert_hf_to_mcore.py --hf-dir allenai/OLMo-2-1124-7B-Instruct --save ckpt/olmo2-7b
+The checkpoint loads at any TP / PP / EP. --hf-dir is a local folder, not a hub id:
+download it first, then convert:
+    huggingface-cli download allenai/OLMo-2-1124-7B-Instruct --local-dir hf/olmo2-7b-instruct
+    python tools/convert_hf_to_mcore.py --hf-dir hf/olmo2-7b-instruct --save ckpt/olmo2-7b
 """
 
 import argparse
@@ -12,7 +14,7 @@ from megatron_bar.cli import run
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
+    p.add_argument("--hf-dir", required=True, help="local folder with config.json, *.safetensors and the tokenizer files")
     p.add_argument("--save", required=True, help="output checkpoint folder (must not exist)")
     args = p.parse_args()
 

@@ -1,4 +1,5 @@
-"""Growing the vocabulary when a stage adds special tokens (tool-call markers, roles).
+"""The vocabulary rows of special tokens a stage adds (tool-call markers): grown, or a
+padded checkpoint's unused rows taken (:func:`mean_init_rows`).
 
 The new rows of the embedding and of the LM head start as the mean of the existing rows
 (the usual choice: the new token starts "average" rather than random, so the first logits
@@ -56,3 +57,23 @@ def copy_with_grown_vocab(old_model, old_cfg: ModelConfig, new_model, new_cfg: M
             param.copy_(full[rank * rows : (rank + 1) * rows])
         else:
             param.copy_(old_state[name])
+
+
+@torch.no_grad()
+def mean_init_rows(model, cfg: ModelConfig, first: int, stop: int) -> None:
+    """Rows ``first .. stop - 1`` of the embedding and the LM head := the mean of rows
+    ``0 .. first - 1`` (the tokens before them), on every TP rank's shard. For special
+    tokens that take a padded checkpoint's unused rows, whose values were never trained."""
+    if stop <= first:
+        return
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    params = model.state_dict(keep_vars=True)
+    for name in VOCAB_PARAMS:
+        if name not in params:  # not on this pipeline stage
+            continue
+        param = params[name]
+        full = _gather_rows(param)
+        full[first:stop] = full[:first].float().mean(0).to(full.dtype)
+        rows = cfg.padded_vocab_size // tp
+        param.copy_(full[rank * rows : (rank + 1) * rows])

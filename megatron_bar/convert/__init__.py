@@ -51,6 +51,13 @@ __all__ = [
 ]
 
 
+def _progress(maps, desc: str):
+    """A progress bar over the tensors of a conversion (minutes for a 7B model)."""
+    from tqdm import tqdm
+
+    return tqdm(list(maps), desc=desc, unit=" tensors", mininterval=1.0, leave=False)
+
+
 def _require_one_rank():
     platform.initialize()
     if dist.get_world_size() != 1:
@@ -95,11 +102,12 @@ def hf_to_mcore(hf_dir: str | Path, save_dir: str | Path) -> ModelConfig:
     cfg = model_config_from_hf(read_hf_config(hf_dir), source)
     reader = SafetensorsReader(hf_dir)
     dtype = check_hf_tensors(reader, cfg, source)
+    cfg = cfg.with_(source_dtype=dtype_name(dtype))  # the export's default dtype
 
     model = build_for_conversion(cfg, dtype)
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for m in keymap.tensor_maps(cfg):
+        for m in _progress(keymap.tensor_maps(cfg), f"reading {hf_dir.name}"):
             params[m.mcore].copy_(keymap.to_mcore(m, [reader.get(k) for k in m.hf], cfg))
 
     def add_tokenizer(tmp: Path):
@@ -116,23 +124,45 @@ def checkpoint_dtype(ckpt_dir: Path) -> torch.dtype:
     return meta["embedding.word_embeddings.weight"].dtype
 
 
-def mcore_to_hf(load_dir: str | Path, save_dir: str | Path, max_shard_bytes: int = 5 * 2**30):
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def export_dtype(cfg: ModelConfig, stored: torch.dtype, requested: str | None) -> torch.dtype:
+    """``requested`` (bf16 | fp16 | fp32), else the dtype of the HF checkpoint the model was
+    converted from, else the dtype the checkpoint stores."""
+    if requested is not None:
+        if requested not in EXPORT_DTYPES:
+            raise ValueError(f"dtype {requested!r}: expected one of {sorted(EXPORT_DTYPES)}")
+        return EXPORT_DTYPES[requested]
+    if cfg.source_dtype is not None:
+        return getattr(torch, cfg.source_dtype)
+    return stored
+
+
+def mcore_to_hf(load_dir: str | Path, save_dir: str | Path, max_shard_bytes: int = 5 * 2**30,
+                dtype: str | None = None):
+    """Export ``load_dir`` to an HF folder in ``dtype`` (see :func:`export_dtype`)."""
     load_dir, save_dir = Path(load_dir), check_output_free(save_dir)
     cfg = ModelConfig.load(load_dir)
-    dtype = checkpoint_dtype(load_dir)
-    model = build_for_conversion(cfg, dtype)
+    stored = checkpoint_dtype(load_dir)
+    out_dtype = export_dtype(cfg, stored, dtype)
+    model = build_for_conversion(cfg, stored)
     load_weights(model, cfg, load_dir)
     state = model.state_dict()
 
     need = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     with atomic_output_dir(save_dir, need_bytes=need) as tmp:
         writer = SafetensorsWriter(tmp, max_shard_bytes)
-        for m in keymap.tensor_maps(cfg):
+        for m in _progress(keymap.tensor_maps(cfg), f"writing {save_dir.name}"):
             for key, tensor in zip(m.hf, keymap.to_hf(m, state[m.mcore], cfg)):
-                writer.add(key, tensor)
+                writer.add(key, tensor.to(out_dtype))
         writer.close()
-        hf_config = hf_config_from_model_config(cfg, dtype)
+        hf_config = hf_config_from_model_config(cfg, out_dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         copy_tokenizer_files(load_dir / TOKENIZER_SUBDIR, tmp)
-    log.info("exported %s -> %s", load_dir, save_dir)
+    log.info("exported %s -> %s (%s)", load_dir, save_dir, dtype_name(out_dtype))
     return cfg

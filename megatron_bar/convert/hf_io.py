@@ -16,24 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_bar.data.tokenizer import copy_companion_files
 from megatron_bar.model.config import ConfigError, ModelConfig
 
 SUPPORTED_ARCHITECTURES = {
     "Olmo2ForCausalLM": "olmo2",
     "FlexOlmoForCausalLM": "flex_olmo",
 }
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-    "chat_template.jinja",
-    "megatron_bar_tokenizer.json",  # added special tokens of a SentencePiece tokenizer
-)
 # HF config fields carried through a conversion unchanged.
 _CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -273,10 +262,5 @@ class SafetensorsWriter:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
+    """Every tokenizer file of ``src`` (``megatron_bar.data.tokenizer.TOKENIZER_FILES``), copied whole to ``dst``."""
+    return copy_companion_files(src, dst)

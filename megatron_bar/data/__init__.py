@@ -3,7 +3,6 @@
 Typical use::
 
     tok = load_tokenizer("path/to/olmo2")           # folder with tokenizer.json
-    add_chat_special_tokens(tok)                    # grows tok.vocab_size
     records = read_jsonl("math_sft.jsonl", "chat", max_bad_lines=10).records
     docs = tokenize_records(records, tok)
     sequences, stats = pack_documents(docs, seq_length=4096, pad_id=tok.pad_id)
@@ -26,7 +25,6 @@ from megatron_bar.data.chat import (
     Record,
     TextRecord,
     TokenizedDocument,
-    add_chat_special_tokens,
     encode_text,
     parse_chat_record,
     parse_text_record,
@@ -69,7 +67,6 @@ __all__ = [
     "TextRecord",
     "TokenizedDocument",
     "Tokenizer",
-    "add_chat_special_tokens",
     "collate_packed",
     "document_attention_mask",
     "encode_text",

@@ -13,24 +13,24 @@ Record formats, one JSON object per line:
 
 Other keys (ids, sources, ...) are ignored.
 
-Chat template (Olmo 2 / Tulu 3 style). With ``B`` the tokenizer's BOS token and
-``E`` its EOS token, a conversation renders as::
+Chat format: the tokenizer's own chat template (``chat_template.jinja`` or
+``tokenizer_config.json``'s ``chat_template``) renders a conversation exactly as
+transformers' ``apply_chat_template`` does, and the rendered string is tokenized
+whole, as transformers and vLLM tokenize it when serving: the ids trained on are
+the ids the model will be served with. No token is added to the vocabulary for
+the chat format; a template's role markers are whatever the vocabulary makes of
+their text. A tokenizer without a template gets :data:`TULU_TEMPLATE` (Olmo 2
+Instruct's Tulu layout, plus a ``tool`` role)::
 
     B<|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{reply}E\\n<|tool|>\\n{tool}\\n<|assistant|>\\n{reply}E
 
-i.e. each turn is ``<|role|>`` + ``"\\n"`` + content, followed by ``"\\n"`` for
-system/user/tool turns and by ``E`` for assistant turns (plus ``"\\n"`` when
-another turn follows). The four role markers are special tokens
-(:data:`CHAT_SPECIAL_TOKENS`), so each is exactly one id.
-
-Loss mask: 1 exactly on the tokens of assistant contents and on the ``E``
-that closes each assistant turn (the model must learn to stop); 0 on BOS, the
-role markers, the newlines and every non-assistant content.
-
-Each segment is tokenized on its own and the ids are concatenated, so the mask
-boundaries are exact by construction. The price is that the ids can differ
-from tokenizing the whole rendered string at a segment seam (a BPE merge across
-``"\\n"`` + content); the model sees the same text either way.
+Loss mask: 1 on the tokens of each assistant reply as the template writes it,
+its end token included (the model must learn to stop), 0 elsewhere. A template
+with ``{% generation %}`` blocks marks the replies itself; otherwise a reply is
+what rendering the conversation up to and including it adds to rendering it up
+to the generation prompt before it. Character spans become token spans by
+tokenizing the rendered prefix: where a token straddles a boundary (a merge
+across it) the token is trained.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence, Union
@@ -48,7 +49,23 @@ logger = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 ROLE_MARKERS: dict[str, str] = {role: f"<|{role}|>" for role in ROLES}
+# The Tulu role markers: a SentencePiece vocabulary trained here keeps them as single
+# pieces (``user_defined_symbols``); nothing adds them to an existing vocabulary.
 CHAT_SPECIAL_TOKENS: tuple[str, ...] = tuple(ROLE_MARKERS[r] for r in ROLES)
+
+# The default chat template, for a tokenizer that has none: Olmo 2 Instruct's Tulu
+# template with a ``tool`` role added (the tool-use domain's data has tool turns).
+TULU_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'tool' %}{{ '<|tool|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{% if not loop.last %}"
+    "{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% else %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    "{% endfor %}"
+)
 
 
 class DataError(ValueError):
@@ -230,84 +247,102 @@ def read_jsonl(
 # --------------------------------------------------------------------------- #
 
 
-def add_chat_special_tokens(tokenizer: Tokenizer) -> list[int]:
-    """Add the role markers as special tokens (idempotent); returns their ids.
-
-    May grow ``tokenizer.vocab_size``: the model's embedding must cover it.
-    """
-    return tokenizer.add_special_tokens(list(CHAT_SPECIAL_TOKENS))
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class ChatTemplate:
-    """Renders :class:`ChatRecord` to token ids and a loss mask (see the module docstring).
+    """Renders :class:`ChatRecord` to token ids and a loss mask (see the module docstring)
+    with ``template`` (default: the tokenizer's own, else :data:`TULU_TEMPLATE`)."""
 
-    The tokenizer must already have the role markers as single tokens; call
-    :func:`add_chat_special_tokens` first. This is not done implicitly because
-    it changes the vocabulary size the model has to be built with.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, add_bos: bool = True):
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None):
         self.tokenizer = tokenizer
-        self.add_bos = add_bos
-        self.marker_ids: dict[str, int] = {}
-        for role, marker in ROLE_MARKERS.items():
-            token_id = tokenizer.token_to_id(marker)
-            if token_id is None or tokenizer.encode(marker) != [token_id]:
-                raise ValueError(
-                    f"role marker {marker!r} is not a single special token of {tokenizer!r}; "
-                    f"call add_chat_special_tokens(tokenizer) first"
-                )
-            self.marker_ids[role] = token_id
-        self.newline_ids = tokenizer.encode("\n")
+        own = tokenizer.chat_template
+        self.template = template or own or TULU_TEMPLATE
+        if template is None and own is None:
+            logger.warning("%r has no chat template: using the Tulu template", tokenizer)
+        self.has_generation_blocks = bool(_GENERATION_BLOCK.search(self.template))
+        self._names = {
+            "bos_token": tokenizer.id_to_token(tokenizer.bos_id),
+            "eos_token": tokenizer.id_to_token(tokenizer.eos_id),
+            "pad_token": tokenizer.id_to_token(tokenizer.pad_id),
+        }
+
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool, spans: bool = False):
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        rendered, indices = render_jinja_template(
+            [chat], chat_template=self.template, add_generation_prompt=add_generation_prompt,
+            return_assistant_tokens_mask=spans, **self._names)
+        return (rendered[0], indices[0]) if spans else rendered[0]
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        """The conversation as the template writes it (``apply_chat_template(tokenize=False)``)."""
+        text = self._render(messages, add_generation_prompt)
+        at = 0
+        for k, m in enumerate(messages):  # a template that drops a role would drop data silently
+            content = m.content.strip()  # templates may trim (Llama 3's does)
+            found = text.find(content, at)
+            if found < 0:
+                raise ValueError(f"the chat template does not write messages[{k}] (role {m.role!r}): "
+                                 f"does it know that role?")
+            at = found + len(content)
+        return text
 
     def render_text(self, record: ChatRecord) -> str:
-        """The conversation as a string (for inspection; training uses :meth:`encode`)."""
-        tok = self.tokenizer
-        eos = tok.id_to_token(tok.eos_id)
-        parts = [tok.id_to_token(tok.bos_id)] if self.add_bos else []
-        for k, m in enumerate(record.messages):
-            parts.append(f"{ROLE_MARKERS[m.role]}\n{m.content}")
-            last = k == len(record.messages) - 1
-            if m.role == "assistant":
-                parts.append(eos if last else eos + "\n")
-            else:
-                parts.append("\n")
-        return "".join(parts)
+        return self.render(record.messages)
+
+    def assistant_spans(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of its assistant replies."""
+        if self.has_generation_blocks:
+            text, spans = self._render(messages, False, spans=True)
+            self.render(messages)  # the roles check
+            return text, [tuple(s) for s in spans]
+        text = self.render(messages)
+        spans = []
+        for k, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            before = self._render(messages[:k], add_generation_prompt=True)
+            through = self._render(messages[: k + 1], add_generation_prompt=False)
+            if not (text.startswith(before) and text.startswith(through)):
+                raise ValueError(
+                    "the chat template renders a conversation's beginning differently from the whole "
+                    "conversation, so the assistant replies cannot be told from it: give the template "
+                    "{% generation %} blocks around the replies")
+            if len(through) > len(before):
+                spans.append((len(before), len(through)))
+        return text, spans
+
+    def _token_boundary(self, text: str, ids: list[int], pos: int, end: bool) -> int:
+        """Number of tokens of ``ids`` before character ``pos`` of ``text`` (a token that
+        straddles ``pos`` counts as inside the reply: after it at the start, before it at the end)."""
+        if pos >= len(text):
+            return len(ids)
+        prefix = self.tokenizer.encode(text[:pos])
+        n = len(prefix)
+        if ids[:n] == prefix:
+            return n
+        common = next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(n, len(ids)))
+        return common + 1 if end else common
 
     def encode(self, record: ChatRecord) -> TokenizedDocument:
-        tokens: list[int] = []
-        mask: list[int] = []
-
-        def put(ids: Sequence[int], trained: int) -> None:
-            tokens.extend(ids)
-            mask.extend([trained] * len(ids))
-
-        if self.add_bos:
-            put([self.tokenizer.bos_id], 0)
-        for k, m in enumerate(record.messages):
-            put([self.marker_ids[m.role]], 0)
-            put(self.newline_ids, 0)
-            content = self.tokenizer.encode(m.content)
-            last = k == len(record.messages) - 1
-            if m.role == "assistant":
-                put(content, 1)
-                put([self.tokenizer.eos_id], 1)
-                if not last:
-                    put(self.newline_ids, 0)
-            else:
-                put(content, 0)
-                put(self.newline_ids, 0)
+        text, spans = self.assistant_spans(record.messages)
+        tokens = self.tokenizer.encode(text)
+        mask = [0] * len(tokens)
+        for start, stop in spans:
+            a = self._token_boundary(text, tokens, start, end=False)
+            b = self._token_boundary(text, tokens, stop, end=True)
+            mask[a:b] = [1] * (b - a)
         return TokenizedDocument(tokens, mask, record.domain)
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """The conversation so far plus the assistant marker: what a policy continues
-        from when it generates a reply (RLVR rollouts, evaluation). Identical to the
-        prefix that :meth:`encode` produces before that reply's first trained token."""
+        """The conversation so far with the template's generation prompt: what a policy
+        continues from when it generates a reply (RLVR rollouts, evaluation), the ids
+        ``apply_chat_template(messages, add_generation_prompt=True)`` gives."""
         if not messages or messages[-1].role == "assistant":
             raise ValueError("a prompt ends with a non-assistant message")
-        record = ChatRecord(tuple(messages) + (Message("assistant", ""),))
-        doc = self.encode(record)
-        return doc.tokens[: doc.loss_mask.index(1)]
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt=True))
 
 
 def encode_text(record: TextRecord, tokenizer: Tokenizer) -> TokenizedDocument:
@@ -319,14 +354,14 @@ def encode_text(record: TextRecord, tokenizer: Tokenizer) -> TokenizedDocument:
     return TokenizedDocument(tokens, [1] * len(tokens), record.domain)
 
 
-def tokenize_records(records: Iterable[Record], tokenizer: Tokenizer, add_bos: bool = True) -> list[TokenizedDocument]:
-    """Tokenize a mix of chat and text records (chat needs the role markers added)."""
+def tokenize_records(records: Iterable[Record], tokenizer: Tokenizer) -> list[TokenizedDocument]:
+    """Tokenize a mix of chat and text records (chat with the tokenizer's chat template)."""
     template: ChatTemplate | None = None
     docs: list[TokenizedDocument] = []
     for record in records:
         if isinstance(record, ChatRecord):
             if template is None:
-                template = ChatTemplate(tokenizer, add_bos=add_bos)
+                template = ChatTemplate(tokenizer)
             docs.append(template.encode(record))
         elif isinstance(record, TextRecord):
             docs.append(encode_text(record, tokenizer))

@@ -387,7 +387,7 @@ def check_tokenizer(prefix: str, summary: IndexedSummary, tokenizer: Tokenizer) 
             f"dataset {prefix} was tokenized with another tokenizer: fingerprint "
             f"{summary.tokenizer_fingerprint[:12]}... (vocabulary {summary.tokenizer_vocab_size}, from "
             f"{summary.tokenizer}) but the model's tokenizer is {mine[:12]}... (vocabulary {tokenizer.vocab_size}). "
-            f"Preprocess it again with the model's tokenizer (chat datasets: with the chat role markers "
-            f"and the same data.add_special_tokens)",
+            f"Preprocess it again with the model's tokenizer "
+            f"(with the same data.add_special_tokens)",
             path=summary_path(prefix),
         )

@@ -111,7 +111,7 @@ def mix_datasets(
         realised_proportions={n: (counts[n] / num_samples if num_samples else 0.0) for n in names},
         epochs={n: counts[n] / len(datasets[n]) for n in names},
     )
-    logger.info("%s", result.report())
+    logger.debug("%s", result.report())  # the trainer prints it, once
     return result
 
 

@@ -44,7 +44,6 @@ from megatron_bar.data.chat import (
     DataError,
     TokenizedDocument,
     _parse_line,
-    add_chat_special_tokens,
     encode_text,
     parse_chat_record,
     parse_text_record,
@@ -73,11 +72,9 @@ class PreprocessConfig:
 
 
 def build_tokenizer(path: str, mode: str, add_special_tokens: Sequence[str] = ()) -> Tokenizer:
-    """The tokenizer exactly as the trainer builds it for a dataset of this ``mode``:
-    chat role markers for chat data, then ``data.add_special_tokens``."""
+    """The tokenizer exactly as the trainer builds it: ``data.add_special_tokens`` added
+    (chat data uses the tokenizer's own chat template and adds nothing)."""
     tok = load_tokenizer(path)
-    if mode == "chat":
-        add_chat_special_tokens(tok)
     if add_special_tokens:
         tok.add_special_tokens(list(add_special_tokens))
     return tok
@@ -260,21 +257,6 @@ def where(kind: str, path: str, line: int) -> str:
 # --------------------------------------------------------------------------- #
 
 
-class _CachedEncode:
-    """Stands in for the tokenizer inside ChatTemplate: ``encode`` answers from a batch
-    encoded beforehand, everything else is the real tokenizer's."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._tok, self.cache = tokenizer, {}
-
-    def encode(self, text: str) -> list[int]:
-        ids = self.cache.get(text)
-        return list(ids) if ids is not None else self._tok.encode(text)
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-
 class DocumentEncoder:
     """Records -> TokenizedDocument, as the trainer tokenizes them, a batch at a time."""
 
@@ -286,8 +268,6 @@ class DocumentEncoder:
             self._batch = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         if mode == "chat":
             self._template = ChatTemplate(tokenizer)
-            self._cached = _CachedEncode(tokenizer)
-            self._template.tokenizer = self._cached
 
     def encode(self, records) -> list:
         if self.mode == "text":
@@ -297,9 +277,6 @@ class DocumentEncoder:
             return [
                 _doc(ids + [eos], r.domain) for ids, r in zip(self._batch([r.text for r in records]), records)
             ]
-        if self._batch is not None:
-            contents = list({m.content for r in records for m in r.messages})
-            self._cached.cache = dict(zip(contents, self._batch(contents)))
         return [self._template.encode(r) for r in records]
 
 

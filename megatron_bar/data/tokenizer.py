@@ -18,12 +18,16 @@ rely on them:
   id (Hugging Face's default behaviour). This is what makes ``"<tool_call>"``
   one token once it has been added.
 * ``add_special_tokens`` appends new tokens at the end of the vocabulary, in
-  order, and is idempotent. Growing the vocabulary means the model's embedding
-  and output layer must be resized; that is the model code's job, and
-  ``vocab_size`` is the number it has to cover.
+  order, and is idempotent. The model's embedding must cover ``vocab_size``: a
+  padded checkpoint's unused rows first, else grown (megatron_bar.train.vocab_fit).
 * ``save(dir)`` writes a folder that :func:`load_tokenizer` reads back to an
   identical tokenizer (same :meth:`Tokenizer.fingerprint`), added tokens
-  included.
+  included, and carries every other file of the folder the tokenizer was loaded
+  from (:data:`TOKENIZER_FILES`: the chat template, ``special_tokens_map.json``,
+  ``generation_config.json``, ...), so a checkpoint's or an export's tokenizer
+  is the one it was given.
+* ``chat_template`` is the tokenizer's own chat template (``chat_template.jinja``
+  next to it, else ``tokenizer_config.json``'s ``chat_template``), or None.
 """
 
 from __future__ import annotations
@@ -49,6 +53,57 @@ HF_SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 # SentencePiece tokenizer carries this small JSON next to its ``.model``.
 SIDECAR_FILE = "megatron_bar_tokenizer.json"
 _SIDECAR_FORMAT_VERSION = 1
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# Every file of a tokenizer folder that travels with it (checkpoints, exports).
+TOKENIZER_FILES = (
+    HF_TOKENIZER_FILE,
+    HF_CONFIG_FILE,
+    HF_SPECIAL_TOKENS_MAP_FILE,
+    SPM_MODEL_FILE,
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    CHAT_TEMPLATE_FILE,
+    SIDECAR_FILE,  # added special tokens of a SentencePiece tokenizer
+)
+
+
+def read_chat_template(folder: str | os.PathLike) -> str | None:
+    """The chat template of the tokenizer folder ``folder``, as transformers finds it:
+    ``chat_template.jinja`` first, else ``tokenizer_config.json``'s ``chat_template``
+    (a string, or a list of named templates of which ``default`` is used)."""
+    folder = Path(folder)
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = folder / HF_CONFIG_FILE
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cannot parse {config}: {exc}") from exc
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def copy_companion_files(src: str | os.PathLike, dst: str | os.PathLike, skip: Sequence[str] = ()) -> list[str]:
+    """Copy the :data:`TOKENIZER_FILES` present in ``src`` to ``dst`` (but ``skip``)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if name in skip or not (src / name).is_file():
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        if (src / name).resolve() != (dst / name).resolve():
+            shutil.copy2(src / name, dst / name)
+        copied.append(name)
+    return copied
 
 
 class Tokenizer(abc.ABC):
@@ -107,6 +162,16 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the tokenizer to ``directory`` so that ``load_tokenizer(directory)`` reads it back."""
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The folder the tokenizer was loaded from (its companion files live there)."""
+        return None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template (see :func:`read_chat_template`), or None."""
+        return read_chat_template(self.source_dir) if self.source_dir is not None else None
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the id <-> token mapping and the special tokens.
@@ -216,6 +281,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._model_path
 
     @property
+    def source_dir(self) -> Path:
+        return self._model_path.parent
+
+    @property
     def vocab_size(self) -> int:
         return self._model_size + len(self._added)
 
@@ -302,6 +371,7 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> Path:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        copy_companion_files(self.source_dir, out, skip=(SPM_MODEL_FILE, SIDECAR_FILE, self._model_path.name))
         (out / SPM_MODEL_FILE).write_bytes(self._sp.serialized_model_proto())
         sidecar = {
             "format_version": _SIDECAR_FORMAT_VERSION,
@@ -361,8 +431,7 @@ def train_sentencepiece(
     * ``normalization_rule_name="identity"``, ``remove_extra_whitespaces=False``,
       ``add_dummy_prefix=False``: no NFKC rewriting, whitespace kept, and no
       space invented at the start of each encoded chunk. Together they make the
-      round trip exact and let the chat template encode its segments
-      separately and concatenate them.
+      round trip exact.
     * ``split_digits=True``: digits are single tokens (arithmetic in the math domain).
     * ``user_defined_symbols``: pass the chat role markers here
       (``chat.CHAT_SPECIAL_TOKENS``) so they are atomic pieces of the model.
@@ -491,6 +560,10 @@ class HFTokenizer(Tokenizer):
         return self._tok
 
     @property
+    def source_dir(self) -> Path:
+        return self._config_dir
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -545,6 +618,7 @@ class HFTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> Path:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        copy_companion_files(self._config_dir, out, skip=(HF_TOKENIZER_FILE, HF_CONFIG_FILE))
         self._tok.save(str(out / HF_TOKENIZER_FILE))
         # Keep whatever else the source tokenizer_config.json said (chat
         # template, model_max_length, ...) and pin the three names we use.

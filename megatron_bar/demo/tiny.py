@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from megatron_bar.data import CHAT_SPECIAL_TOKENS, train_sentencepiece
-from megatron_bar.data.tokenizer import SentencePieceTokenizer
+from megatron_bar.data.chat import TULU_TEMPLATE
+from megatron_bar.data.tokenizer import CHAT_TEMPLATE_FILE, SentencePieceTokenizer
 
 WORDS = (
     "the a an of to in is was for on with as by at from that this it be are not or and "
@@ -52,13 +53,16 @@ def synthetic_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 400, seed: int = 0,
                     corpus: list[str] | None = None) -> SentencePieceTokenizer:
-    """SentencePiece over ``corpus`` (default: :func:`synthetic_corpus`), chat markers atomic."""
+    """SentencePiece over ``corpus`` (default: :func:`synthetic_corpus`), chat markers atomic,
+    with the Tulu chat template in its folder (``chat_template.jinja``), as a real model's
+    tokenizer carries its own: the demo's chat data goes through the same path."""
     out_dir = Path(out_dir)
     model_path = train_sentencepiece(
         corpus if corpus is not None else synthetic_corpus(seed=seed), vocab_size,
         out_dir / "tokenizer.model", seed=seed,
         user_defined_symbols=list(CHAT_SPECIAL_TOKENS),
     )
+    (out_dir / CHAT_TEMPLATE_FILE).write_text(TULU_TEMPLATE)
     tokenizer = SentencePieceTokenizer(model_path)
     tokenizer.save(out_dir)
     return tokenizer

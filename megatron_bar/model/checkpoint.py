@@ -20,7 +20,7 @@ from megatron_bar.utils.fs import atomic_output_dir
 
 # Fields that may differ between a checkpoint and the model it is loaded into: they change
 # how the model runs, not what its tensors are.
-RUNTIME_FIELDS = ("moe_topk", "max_position_embeddings", "hf_extra")
+RUNTIME_FIELDS = ("moe_topk", "max_position_embeddings", "hf_extra", "source_dtype")
 
 
 class CheckpointMismatch(ConfigError):

@@ -45,6 +45,9 @@ class ModelConfig:
     vocab_pad_multiple: int = 128
     # HF fields carried through conversion untouched (token ids, etc.).
     hf_extra: dict = field(default_factory=dict)
+    # dtype of the HF checkpoint the model was converted from ("bfloat16", ...): the
+    # export's default, whatever precision training kept the weights in.
+    source_dtype: str | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -185,6 +188,9 @@ def to_transformer_config(
             moe_grouped_gemm=use_transformer_engine,
             moe_permute_fusion=False,
         )
+    # megatron-core 0.16's default ("full") is deprecated in favour of the empty list, which
+    # means the same (the whole layer) without a warning on every model built.
+    kwargs["cuda_graph_scope"] = []
     kwargs.update(overrides)
     renormalised_top1 = cfg.is_moe and cfg.moe_topk == 1 and cfg.norm_topk_prob
     if renormalised_top1:

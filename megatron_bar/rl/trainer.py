@@ -35,7 +35,7 @@ from megatron.core import parallel_state
 from megatron_bar import platform
 from megatron_bar.bar.freeze import FREEZE_POLICIES
 from megatron_bar.convert.hf_io import hf_config_from_model_config
-from megatron_bar.data import ChatTemplate, Message, add_chat_special_tokens, load_tokenizer
+from megatron_bar.data import ChatTemplate, Message
 from megatron_bar.data.chat import DataError, ROLES
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_same_architecture, load_weights
@@ -55,6 +55,7 @@ from megatron_bar.train.engine import Microbatch, forward_backward
 from megatron_bar.train.metrics import MetricsLogger, read_metrics
 from megatron_bar.train.preempt import Preemption
 from megatron_bar.train.trainer import setup_training
+from megatron_bar.train.vocab_fit import stage_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,10 @@ def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns
     rollouts, errors = [], 0
     for r in rollouts_raw:
         p = prompts[r["prompt_index"]]
-        text = tokenizer.decode([t for t in r["tokens"] if t != tokenizer.eos_id], skip_special_tokens=False)
+        # A padded vocabulary's unused rows can be sampled too; like a serving detokenizer,
+        # they read as no text.
+        text = tokenizer.decode([t for t in r["tokens"] if t != tokenizer.eos_id and t < tokenizer.vocab_size],
+                                skip_special_tokens=False)
         value, error = safe_reward(reward_fns[p.reward], p.record, text)
         errors += error is not None
         rollouts.append(Rollout(p.tokens, r["tokens"], r["logprobs"], value,
@@ -430,10 +434,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
     model_cfg = ModelConfig.load(cfg.model.load)
     if cfg.model.moe_topk is not None:
         model_cfg = model_cfg.with_(moe_topk=cfg.model.moe_topk)
-    tokenizer = load_tokenizer(cfg.data.tokenizer or str(Path(cfg.model.load) / "tokenizer"))
-    add_chat_special_tokens(tokenizer)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {model_cfg.vocab_size}")
+    # A tokenizer that does not fit the model's rows is refused before any prompt is read.
+    tokenizer = stage_tokenizer(cfg.model.load, model_cfg.vocab_size, cfg.data.tokenizer).tokenizer
     template = ChatTemplate(tokenizer)
     pools = [read_prompts(d.path, d.reward, template, cfg.data.max_bad_lines) for d in rl.datasets]
     eval_pools = [read_prompts(d.path, d.reward, template, cfg.data.max_bad_lines) for d in rl.eval_datasets]

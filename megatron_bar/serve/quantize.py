@@ -129,11 +129,9 @@ def default_calibration_config(load: Path) -> Path | None:
 
 
 def _tokenizer(load: Path, chat: bool, extra_tokens: Sequence[str] = ()):
-    from megatron_bar.data import add_chat_special_tokens, load_tokenizer
+    from megatron_bar.data import load_tokenizer
 
     tokenizer = load_tokenizer(Path(load) / "tokenizer")
-    if chat:
-        add_chat_special_tokens(tokenizer)
     if extra_tokens:
         tokenizer.add_special_tokens(list(extra_tokens))
     return tokenizer

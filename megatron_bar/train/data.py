@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from megatron_bar.data import (
     ChatTemplate,
     collate_packed,
@@ -188,7 +190,9 @@ def build_indexed_training_data(data: DataConfig, tokenizer: Tokenizer, seed: in
     return IndexedTrainingData(samples, data.document_mask)
 
 
-def build_training_data(data: DataConfig, tokenizer: Tokenizer, seed: int) -> TrainingData | IndexedTrainingData:
+def build_training_data(data: DataConfig, tokenizer: Tokenizer, seed: int,
+                        progress: bool = False) -> TrainingData | IndexedTrainingData:
+    """``progress``: a progress bar per dataset while it is tokenized (rank 0's)."""
     if any(d.format == "indexed" for d in data.datasets):
         return build_indexed_training_data(data, tokenizer, seed)
     template = None
@@ -205,11 +209,13 @@ def build_training_data(data: DataConfig, tokenizer: Tokenizer, seed: int) -> Tr
         domain = spec.domain or path.stem
         if data.sample_fraction < 1:
             records = _stratified(records, data.sample_fraction, seed, domain)
+        bar = tqdm(records, desc=f"tokenizing {path.name}", unit=" records", disable=not progress,
+                   mininterval=1.0, leave=False)
         if spec.kind == "chat":
             template = template or ChatTemplate(tokenizer)
-            docs = [template.encode(r) for r in records]
+            docs = [template.encode(r) for r in bar]
         else:
-            docs = [encode_text(r, tokenizer) for r in records]
+            docs = [encode_text(r, tokenizer) for r in bar]
         sequences, stats = pack_documents(docs, data.seq_length, tokenizer.pad_id)
         if not sequences:
             raise ValueError(f"{path}: no usable records after reading and packing")

@@ -11,6 +11,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def format_rate(per_s: float, unit: str) -> str:
+    """``512 tok/s``, ``12.3k tok/s``, ``1.25M tok/s``: three significant digits at any scale."""
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if per_s >= scale:
+            return f"{per_s / scale:.3g}{prefix} {unit}"
+    return f"{per_s:.3g} {unit}"
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -87,7 +95,7 @@ class MetricsLogger:
             for key in ("loss", "lr", "grad_norm"):
                 if key in metrics:
                     parts.append(f"{key} {metrics[key]:.4g}")
-            parts += [f"{tokens_per_s / 1e3:.1f}k tok/s", f"ETA {_format_duration(eta)}"]
+            parts += [format_rate(tokens_per_s, "tok/s"), f"ETA {_format_duration(eta)}"]
             print(" | ".join(parts), flush=True)
 
     def close(self) -> None:

@@ -34,8 +34,7 @@ from megatron_bar.bar.freeze import (
     format_freeze_table,
     freeze_counts,
 )
-from megatron_bar.bar.vocab import copy_with_grown_vocab
-from megatron_bar.data import add_chat_special_tokens, load_tokenizer
+from megatron_bar.bar.vocab import copy_with_grown_vocab, mean_init_rows
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_same_architecture, load_weights
 from megatron_bar.model.config import ModelConfig
@@ -46,6 +45,7 @@ from megatron_bar.train.engine import forward_backward, make_optimizer, wrap_ddp
 from megatron_bar.train.gpu_features import fp8_overrides, use_distributed_optimizer
 from megatron_bar.train.metrics import MetricsLogger, check_metrics_file, plot_loss_curve
 from megatron_bar.train.preempt import Preemption
+from megatron_bar.train.vocab_fit import StageTokenizer, stage_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +68,21 @@ def _is_logging_rank() -> bool:
     return dist.get_rank() == dist.get_world_size() - 1
 
 
-def _tokenizer_for(cfg: TrainConfig):
-    path = cfg.data.tokenizer or str(Path(cfg.model.load) / "tokenizer")
-    tokenizer = load_tokenizer(path)
-    if any(d.kind == "chat" for d in cfg.data.datasets):
-        add_chat_special_tokens(tokenizer)
-    if cfg.data.add_special_tokens:
-        tokenizer.add_special_tokens(cfg.data.add_special_tokens)
-    return tokenizer
+def _tokenizer_for(cfg: TrainConfig, rows: int) -> StageTokenizer:
+    """The checkpoint's tokenizer, checked to fit its ``rows`` (before any data is read),
+    with ``data.add_special_tokens`` added; the chat format adds no token."""
+    fit = stage_tokenizer(cfg.model.load, rows, cfg.data.tokenizer, cfg.data.add_special_tokens)
+    if fit.describe():
+        _print0(fit.describe())
+    return fit
 
 
-def _model_config(cfg: TrainConfig, start: Path, tokenizer) -> tuple[ModelConfig, ModelConfig]:
+def _model_config(cfg: TrainConfig, start: Path, fit: StageTokenizer) -> tuple[ModelConfig, ModelConfig]:
     """(config of the checkpoint we start from, config of the model we train)."""
     start_cfg = ModelConfig.load(start)
     if cfg.model.moe_topk is not None:
         start_cfg = start_cfg.with_(moe_topk=cfg.model.moe_topk)
-    if tokenizer.vocab_size < start_cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but {start} has a vocabulary of "
-            f"{start_cfg.vocab_size}: is it the model's tokenizer?"
-        )
-    return start_cfg, start_cfg.with_(vocab_size=tokenizer.vocab_size)
+    return start_cfg, start_cfg.with_(vocab_size=fit.model_vocab_size)
 
 
 def _build(cfg: TrainConfig, model_cfg: ModelConfig):
@@ -101,16 +95,17 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig):
     )
 
 
-def _initial_model(cfg: TrainConfig, start_cfg: ModelConfig, model_cfg: ModelConfig):
+def _initial_model(cfg: TrainConfig, start_cfg: ModelConfig, model_cfg: ModelConfig, fit: StageTokenizer):
     model = _build(cfg, model_cfg)
     if model_cfg.vocab_size == start_cfg.vocab_size:
         load_weights(model, start_cfg, cfg.model.load)
-        return model
-    # New special tokens: load at the old vocabulary, then grow (mean-initialised rows).
-    _print0(f"growing the vocabulary {start_cfg.vocab_size} -> {model_cfg.vocab_size}")
-    old = _build(cfg, start_cfg)
-    load_weights(old, start_cfg, cfg.model.load)
-    copy_with_grown_vocab(old, start_cfg, model, model_cfg)
+    else:
+        # More new special tokens than unused rows: load at the old size, then grow.
+        old = _build(cfg, start_cfg)
+        load_weights(old, start_cfg, cfg.model.load)
+        copy_with_grown_vocab(old, start_cfg, model, model_cfg)
+    # The added tokens' rows (unused padding, or grown) start as the mean of the tokenizer's.
+    mean_init_rows(model, model_cfg, fit.new_ids.start, fit.new_ids.stop)
     return model
 
 
@@ -256,9 +251,10 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
     if resume_from is not None:
         check_metrics_file(out_dir)  # every rank: all stop alike
 
-    ModelConfig.load(cfg.model.load)  # not a checkpoint: say so, before looking for its tokenizer
-    tokenizer = _tokenizer_for(cfg)
-    data = build_training_data(cfg.data, tokenizer, cfg.train.seed)
+    # Not a checkpoint, or a tokenizer that does not fit it: say so before reading any data.
+    fit = _tokenizer_for(cfg, ModelConfig.load(cfg.model.load).vocab_size)
+    tokenizer = fit.tokenizer
+    data = build_training_data(cfg.data, tokenizer, cfg.train.seed, progress=dist.get_rank() == 0)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp_size):
@@ -268,12 +264,12 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
         )
     total_steps = steps_for(cfg.train.steps, cfg.train.epochs, len(data), cfg.train.global_batch_size)
 
-    start_cfg, model_cfg = _model_config(cfg, Path(cfg.model.load), tokenizer)
+    start_cfg, model_cfg = _model_config(cfg, Path(cfg.model.load), fit)
     if resume_from is not None:
         check_same_architecture(model_cfg, ModelConfig.load(resume_from), str(resume_from))
         model = _build(cfg, model_cfg)  # weights come with the optimizer state below
     else:
-        model = _initial_model(cfg, start_cfg, model_cfg)
+        model = _initial_model(cfg, start_cfg, model_cfg, fit)
 
     if resume_from is None and cfg.router.init == "domain_means":
         _init_router_from_domains(cfg, model, model_cfg, data)

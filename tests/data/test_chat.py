@@ -4,13 +4,11 @@ import logging
 import pytest
 
 from megatron_bar.data.chat import (
-    CHAT_SPECIAL_TOKENS,
     ChatRecord,
     ChatTemplate,
     DataError,
     Message,
     TextRecord,
-    add_chat_special_tokens,
     encode_text,
     read_jsonl,
     tokenize_records,
@@ -30,8 +28,7 @@ RECORD = ChatRecord(
 
 @pytest.fixture
 def template(any_tokenizer):
-    add_chat_special_tokens(any_tokenizer)
-    return ChatTemplate(any_tokenizer)
+    return ChatTemplate(any_tokenizer)  # no template of its own: the Tulu default
 
 
 def _mask_runs(tokens, mask):
@@ -58,51 +55,82 @@ def test_template_renders_documented_string(template):
     )
     doc = template.encode(RECORD)
     assert template.render_text(RECORD) == expected
+    assert doc.tokens == tok.encode(expected)  # the whole string, as serving tokenizes it
     assert tok.decode(doc.tokens) == expected
     assert doc.domain == "math"
 
 
-def test_role_markers_are_single_tokens(template):
-    doc = template.encode(RECORD)
-    tok = template.tokenizer
-    for role, count in (("system", 1), ("user", 1), ("assistant", 2), ("tool", 1)):
-        assert doc.tokens.count(tok.token_to_id(f"<|{role}|>")) == count
+def test_chat_format_adds_no_tokens(any_tokenizer):
+    before = any_tokenizer.vocab_size
+    ChatTemplate(any_tokenizer).encode(RECORD)
+    assert any_tokenizer.vocab_size == before
 
 
 def test_loss_mask_covers_exactly_assistant_content_and_eos(template):
     tok = template.tokenizer
+    eos = tok.id_to_token(tok.eos_id)
     doc = template.encode(RECORD)
     assert len(doc.tokens) == len(doc.loss_mask)
-    assert set(doc.loss_mask) == {0, 1}
-
     runs = _mask_runs(doc.tokens, doc.loss_mask)
     replies = [m.content for m in RECORD.messages if m.role == "assistant"]
-    assert len(runs) == len(replies)
-    for run, reply in zip(runs, replies):
-        assert run[-1] == tok.eos_id  # the closing EOS is trained
-        assert tok.decode(run[:-1]) == reply  # and exactly the reply before it
-    # Nothing else is trained: the unmasked tokens decode to everything but the replies.
-    trained = sum(len(tok.encode(r)) + 1 for r in replies)
-    assert sum(doc.loss_mask) == trained
+    assert [tok.decode(run) for run in runs] == [r + eos for r in replies]
+    assert all(run[-1] == tok.eos_id for run in runs)  # the closing EOS is trained
     untrained = tok.decode([t for t, m in zip(doc.tokens, doc.loss_mask) if not m])
     assert "You are terse." in untrained and "ka lo mi = ?" in untrained and '{"result": 42}' in untrained
-    assert "Done" not in untrained
+    assert "Done" not in untrained and "mi = 42." not in untrained
 
 
-def test_template_without_bos(any_tokenizer):
-    add_chat_special_tokens(any_tokenizer)
-    doc = ChatTemplate(any_tokenizer, add_bos=False).encode(RECORD)
-    assert doc.tokens[0] == any_tokenizer.token_to_id("<|system|>")
+CHATML_GENERATION = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
-def test_template_requires_role_markers(hf_tokenizer):
-    with pytest.raises(ValueError, match="add_chat_special_tokens"):
-        ChatTemplate(hf_tokenizer)
-    before = hf_tokenizer.vocab_size
-    ids = add_chat_special_tokens(hf_tokenizer)
-    assert ids == list(range(before, before + len(CHAT_SPECIAL_TOKENS)))
-    assert add_chat_special_tokens(hf_tokenizer) == ids  # idempotent
-    ChatTemplate(hf_tokenizer)
+def test_generation_blocks_give_the_mask(any_tokenizer):
+    template = ChatTemplate(any_tokenizer, CHATML_GENERATION)
+    assert template.has_generation_blocks
+    doc = template.encode(RECORD)
+    tok = any_tokenizer
+    assert doc.tokens == tok.encode(template.render_text(RECORD))
+    replies = [m.content for m in RECORD.messages if m.role == "assistant"]
+    assert [tok.decode(r) for r in _mask_runs(doc.tokens, doc.loss_mask)] == [r + "<|im_end|>" for r in replies]
+    prompt = template.encode_prompt(RECORD.messages[:2])
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_template_of_the_tokenizer_folder_is_used(hf_tokenizer_dir, tmp_path):
+    import shutil
+
+    from megatron_bar.data.tokenizer import load_tokenizer
+
+    folder = shutil.copytree(hf_tokenizer_dir, tmp_path / "tok")
+    (folder / "chat_template.jinja").write_text(CHATML_GENERATION)
+    tok = load_tokenizer(folder)
+    assert tok.chat_template == CHATML_GENERATION
+    assert ChatTemplate(tok).render_text(RECORD).startswith("<|im_start|>system\nYou are terse.")
+    tok.save(tmp_path / "saved")  # the template travels with the tokenizer
+    assert (tmp_path / "saved" / "chat_template.jinja").read_text() == CHATML_GENERATION
+
+
+def test_template_that_drops_a_role_is_refused(any_tokenizer):
+    no_tool = "{% for m in messages %}{% if m['role'] != 'tool' %}{{ m['content'] + '\\n' }}{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match=r"messages\[3\] \(role 'tool'\)"):
+        ChatTemplate(any_tokenizer, no_tool).encode(RECORD)
+
+
+def test_template_without_prefix_property_asks_for_generation_blocks(any_tokenizer):
+    # Writes the message count first: a prefix of the conversation renders differently.
+    counting = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="generation"):
+        ChatTemplate(any_tokenizer, counting).encode(RECORD)
+
+
+def test_encode_prompt_is_the_prefix_before_the_reply(template):
+    doc = template.encode(RECORD)
+    prompt = template.encode_prompt(RECORD.messages[:2])
+    assert prompt == doc.tokens[: doc.loss_mask.index(1)]
 
 
 def test_encode_text(any_tokenizer):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from megatron_bar.data.chat import TokenizedDocument, add_chat_special_tokens, tokenize_records
+from megatron_bar.data.chat import TokenizedDocument, tokenize_records
 from megatron_bar.data.packing import collate_packed, document_attention_mask, pack_documents
 
 PAD = 0
@@ -150,7 +150,6 @@ def test_collate_packed():
 def test_packing_chat_keeps_trained_tokens(spm_tokenizer):
     from megatron_bar.data.chat import ChatRecord, Message, TextRecord
 
-    add_chat_special_tokens(spm_tokenizer)
     records = [
         ChatRecord((Message("user", "ka lo"), Message("assistant", "mi = 1."))),
         TextRecord("the and ka"),

@@ -255,12 +255,14 @@ def test_missing_summary_and_wrong_mode(dataset, hf_tokenizer_dir):
 def test_mismatched_tokenizer(tmp_path, corpus, spm_model_path, hf_tokenizer_dir):
     src = write_jsonl(tmp_path / "in.jsonl", chat_records(corpus, n=20))
     run([src], tmp_path / "spm", spm_model_path, "chat")
-    run([src], tmp_path / "hf", hf_tokenizer_dir, "chat")
-    hf_chat = build_tokenizer(str(hf_tokenizer_dir), "chat")
+    # the Tulu role markers added as special tokens, written by the conversations as text
+    markers = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+    run([src], tmp_path / "hf", hf_tokenizer_dir, "chat", add_special_tokens=markers)
+    hf_chat = build_tokenizer(str(hf_tokenizer_dir), "chat", markers)
     with pytest.raises(DataError, match=r"dataset .*spm was tokenized with another tokenizer"):
         open_indexed(tmp_path / "spm", hf_chat)
-    # the chat markers are ids 400..403 of the grown vocabulary: beyond the plain one
-    hf_plain = build_tokenizer(str(hf_tokenizer_dir), "text")
+    # the markers are ids 400..403 of the grown vocabulary: beyond the plain one
+    hf_plain = build_tokenizer(str(hf_tokenizer_dir), "chat")
     with pytest.raises(DataError, match=r"dataset .*hf: token id 40\d is beyond .* vocabulary of 400"):
         open_indexed(tmp_path / "hf", hf_plain)
     # the same vocabulary size, another special token: the fingerprint tells them apart

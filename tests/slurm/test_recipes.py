@@ -60,3 +60,14 @@ def _load_with(path, *overrides):
     from megatron_bar.train.config import load_config
 
     return load_config(path, list(overrides))
+
+
+ONE_MACHINE = REPO / "examples" / "configs" / "olmo2_1b"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in ONE_MACHINE.glob("*.yaml")))
+def test_one_machine_config_loads(name):
+    """The Olmo 2 1B configs run on one GPU as given (no model parallelism)."""
+    cfg = _load(ONE_MACHINE / name)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep) == (1, 1, 1)
+    assert cfg.model.recompute and cfg.model.fp8 is None and cfg.data.add_special_tokens == []
