@@ -31,7 +31,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from megatron_bar.bar.merge_io import CheckpointReader, expected_tensors, intersect, local_slices, write_checkpoint
+from megatron_bar.bar.merge_io import Buffers, CheckpointReader, expected_tensors, intersect, local_slices, write_checkpoint
 from megatron_bar.model.config import ConfigError, ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free, incomplete_path
 
@@ -205,12 +205,14 @@ def _expert_keys(keys) -> list[str]:
 def _check_anchor(ref: _Input, inp: _Input) -> None:
     """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit (else a
     MergeError naming the tensor, the layer and the largest difference)."""
+    buffers = Buffers()
     for key in _expert_keys(inp.model_keys):
         shape = inp.reader.shape(key)  # [layers, experts, ...]
         worst, where = 0.0, None
         for layer in range(shape[0]):
             box = ((layer, ANCHOR) + (0,) * (len(shape) - 2), (1, 1) + shape[2:])
-            a, b = inp.reader.read(key, *box), ref.reader.read(key, *box)
+            a = inp.reader.read(key, *box, out=buffers.get("anchor", box[1], inp.reader.dtype(key)))
+            b = ref.reader.read(key, *box)
             if not torch.equal(a, b):
                 d = (a.float() - b.float()).abs().max().item()
                 if where is None or d > worst or math.isnan(d):
@@ -528,13 +530,15 @@ class _Executor:
         self.inputs, self.plan, self.shapes = inputs, plan, shapes
         self.stats: dict[str, _GroupStats] = {}
         self.tensor_status: dict[str, str] = {}
+        self.buffers = Buffers()
 
     def fill(self, key: str, offsets, sizes, copies: bool = True) -> torch.Tensor:
-        """Box ``(offsets, sizes)`` of output tensor ``key``; ``copies=False``: only the
-        means are computed (a dry run's statistics)."""
+        """Box ``(offsets, sizes)`` of output tensor ``key``, valid until the next call (the
+        writer writes each before it asks for the next); ``copies=False``: only the means
+        are computed (a dry run's statistics)."""
         shape, dtype = self.shapes[key]
         box = (tuple(offsets), tuple(sizes))
-        out = torch.empty(box[1], dtype=dtype)
+        out = self.buffers.get("out", box[1], dtype)
         for sl in self.plan.tensor_slices(key):
             off, sz = [0] * len(shape), list(shape)
             if sl.axis is not None:
@@ -542,6 +546,8 @@ class _Executor:
             part = intersect(box, (tuple(off), tuple(sz)))
             if part is None:
                 continue
+            if part == box and isinstance(sl.step, Copy) and copies:  # (an expert: no copy)
+                return self._read(sl.step.src, sl, key, part)
             dst = out[local_slices(box[0], *part)]
             if isinstance(sl.step, Zero):
                 dst.zero_()
@@ -561,15 +567,16 @@ class _Executor:
     def _mean(self, step: Mean, sl: Slice, key: str, part, dst: torch.Tensor) -> None:
         # Inputs are read one at a time (twice where reported: for the mean, then for the
         # distance from it), so memory does not grow with their number.
-        first = self._read(step.srcs[0], sl, key, part)
-        acc = first.to(torch.float32, copy=True).mul_(step.weights[0])  # (x * w summed in order, in fp32)
+        first = self.buffers.get("first", part[1], dst.dtype).copy_(self._read(step.srcs[0], sl, key, part))
+        acc = self.buffers.get("acc", part[1], torch.float32).copy_(first).mul_(step.weights[0])
+        tmp = self.buffers.get("tmp", part[1], torch.float32)
         same = True
-        for src, w in zip(step.srcs[1:], step.weights[1:]):
+        for src, w in zip(step.srcs[1:], step.weights[1:]):  # (x * w summed in order, in fp32)
             x = self._read(src, sl, key, part)
             same = same and torch.equal(first, x)
-            acc.add_(x.to(torch.float32, copy=True).mul_(w))
+            acc.add_(tmp.copy_(x).mul_(w))
         if same:
-            acc = first.float()
+            acc.copy_(first)
         dst.copy_(first if same else acc)
         n = dst.numel()
         st = self.stats.setdefault(_group_of(key), _GroupStats())
@@ -580,15 +587,16 @@ class _Executor:
         else:
             st.averaged_params += n
             self.tensor_status[key] = "averaged"
-        sq_m = float(torch.linalg.vector_norm(acc, dtype=torch.float64)) ** 2 if step.report else 0.0
+        sq_m = float(torch.linalg.vector_norm(acc)) ** 2 if step.report else 0.0
         for name, src in step.report:
-            if same and src in step.srcs:
+            if (same and src in step.srcs) or not n:
                 d2 = dmax = 0.0
             else:
                 x = first if src == step.srcs[0] else self._read(src, sl, key, part)
-                d = x.to(torch.float32, copy=True).sub_(acc)
-                d2 = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
-                dmax = float(d.abs().max()) if n else 0.0
+                d = tmp.copy_(x).sub_(acc)
+                d2 = float(torch.linalg.vector_norm(d)) ** 2
+                lo, hi = torch.aminmax(d)
+                dmax = max(-float(lo), float(hi))
             st.sq_dist[name] = st.sq_dist.get(name, 0.0) + d2
             st.sq_norm[name] = st.sq_norm.get(name, 0.0) + sq_m
             st.max_abs[name] = max(st.max_abs.get(name, 0.0), dmax)

@@ -62,6 +62,23 @@ class NonFiniteValue(ValueError):
     pass
 
 
+class Buffers:
+    """Tensors kept for reuse by name, shape and dtype: a fresh large tensor costs its page
+    faults each time (more than the copy into it), and the shapes of a checkpoint are few."""
+
+    def __init__(self):
+        self._kept: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        ident = (name, tuple(shape), dtype)
+        if ident not in self._kept:
+            self._kept[ident] = torch.empty(ident[1], dtype=dtype)
+        return self._kept[ident]
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
 class _BoxLoadPlanner(DefaultLoadPlanner):
     """Loads box ``(offsets, sizes)`` of tensor ``key`` into ``out`` (a tensor of ``sizes``)."""
 
@@ -117,7 +134,6 @@ class CheckpointReader:
         self._chunks = {k: [_Stored((tuple(c.offsets), tuple(c.sizes))) for c in v.chunks]
                         for k, v in self.tensors.items()}
         self.max_abs: dict[str, float] = {}  # key -> largest |value| in the chunks loaded
-        self._last: tuple | None = None  # (key, box, tensor) of the last chunk loaded
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
@@ -128,11 +144,17 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
+    # The last chunk loaded by any reader, in a buffer shared by all readers (what is kept
+    # does not grow with the number of inputs): (reader, key, box, tensor).
+    _last: tuple | None = None
+    _buffers = Buffers()
+
     def _load(self, key: str, stored: _Stored) -> torch.Tensor:
-        if self._last is not None and self._last[:2] == (key, stored.box):
-            return self._last[2]
-        self._last = None
-        t = torch.empty(stored.box[1], dtype=self.dtype(key))
+        last = CheckpointReader._last
+        if last is not None and last[0] is self and last[1:3] == (key, stored.box):
+            return last[3]
+        CheckpointReader._last = None
+        t = self._buffers.get("load", stored.box[1], self.dtype(key))
         dcp.load({key: t}, storage_reader=self._reader, planner=_BoxLoadPlanner(key, stored.box, t), no_dist=True)
         if t.is_floating_point() and t.numel():
             lo, hi = torch.aminmax(t)
@@ -143,14 +165,19 @@ class CheckpointReader:
             self.max_abs[key] = max(self.max_abs.get(key, 0.0), top)
         if stored.digest is None:
             stored.digest = xxhash.xxh3_128_digest(t.reshape(-1).view(torch.uint8).numpy())
-        self._last = (key, stored.box, t)
+        CheckpointReader._last = (self, key, stored.box, t)
         return t
 
     def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int],
              out: torch.Tensor | None = None) -> torch.Tensor:
-        """Box ``(offsets, sizes)`` of ``key`` (global coordinates), in ``out`` if given."""
+        """Box ``(offsets, sizes)`` of ``key`` (global coordinates), in ``out`` if given.
+        Without ``out``, a box that is one stored chunk comes back in the readers' shared
+        buffer: read-only, and valid until the next read of any reader."""
         box = (tuple(offsets), tuple(sizes))
         if out is None:
+            whole = [s for s in self._chunks[key] if s.box == box]
+            if whole:  # a stored chunk as it is (not to be written to: it may be reused)
+                return self._load(key, whole[0])
             out = torch.empty(box[1], dtype=self.dtype(key))
         covered = 0
         for stored in self._chunks[key]:
@@ -174,11 +201,12 @@ class CheckpointReader:
                     self._load(key, stored)
                 h.update(f"{key}|{list(stored.box[0])}|{list(stored.box[1])}|{self.dtype(key)}|".encode())
                 h.update(stored.digest)
-        self._last = None
+        self.close()
         return HASH_PREFIX + h.hexdigest()
 
     def close(self) -> None:
-        self._last = None
+        CheckpointReader._last = None
+        self._buffers.clear()
 
     def __enter__(self):
         return self
@@ -248,7 +276,8 @@ class _LazySaveStrategy(SaveShardedStrategy):
         for v in nested_values(sharded_state_dict):
             by_key.setdefault(v.unique_key if isinstance(v, ShardedObject) else v.key, []).append(v)
         dcp.save(mcore_to_pyt_state_dict(by_key, False),
-                 storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                 # (one chunk resolved at a time, written before the next is made)
+                 storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0),
                  planner=_LazySavePlanner(self.fill, dedup_replicated_tensors=False, flatten_state_dict=False))
 
 
