@@ -751,6 +751,8 @@ def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: _VocabPla
         stale = incomplete_path(save_dir)
         if stale.exists():
             print_fn(f"removing {stale}, left behind by a merge that did not finish")
+        if _free_bytes(save_dir) < size:
+            raise _no_space(save_dir, size)
         with atomic_output_dir(save_dir) as tmp:
             try:
                 write_checkpoint(out_cfg, dtype, tmp, ex.fill)
@@ -761,11 +763,10 @@ def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: _VocabPla
                 manifest["outliers"] = _outliers(inputs)
                 manifest["tensors"] = dict(sorted(ex.tensor_status.items()))
                 (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-                raise MergeError(f"{save_dir}: no space left on the device (writing the merged checkpoint, "
-                                 f"{size / 2**20:.0f} MiB of tensors, into {tmp}); nothing was written") from None
+            except (OSError, RuntimeError) as e:  # (torch.save's full disk: "unexpected pos")
+                if getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(save_dir) < 1 << 20:
+                    raise _no_space(save_dir, size) from None
+                raise
     manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
     manifest["outliers"] = _outliers(inputs)
     report = format_divergence(manifest["divergence"], report_names, manifest["outliers"])
@@ -776,6 +777,18 @@ def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: _VocabPla
     else:
         print_fn("dry run: nothing written")
     return MergeResult(out_cfg, manifest, report, save_dir)
+
+
+def _free_bytes(path: Path) -> int:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _no_space(save_dir: Path, size: int) -> MergeError:
+    return MergeError(f"{save_dir}: no space left on the device (the merged checkpoint needs about "
+                      f"{size / 2**20:.1f} MiB, {_free_bytes(save_dir) / 2**20:.1f} MiB are free); nothing was written")
 
 
 def _open_all(named: Sequence[tuple[str, Path]], save_dir, dry_run: bool) -> tuple[list[_Input], Path | None]:

@@ -524,6 +524,72 @@ def test_bad_inputs_are_refused_and_nothing_is_written(experts, mcore_dense_dir,
     assert sorted(p.name for p in out.iterdir()) == ["keep"]
 
 
+def test_corrupt_input_values(experts, tmp_path):
+    """A flipped exponent bit: a non-finite value stops the merge (naming the checkpoint
+    and the tensor) with nothing written, though found only while the output is being
+    written; a finite but huge value is merged and named in the report."""
+    cfg, t = read_global(experts["code"])
+    key = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
+    t[key][1, 1, 3, 5] = float("inf")  # expert 1: read only when its output chunk is written
+    broken = write_global(cfg, t, tmp_path / "broken")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(broken))}: tensor '{re.escape(key)}' holds a "
+                                         r"non-finite value \(inf\)"):
+        merge_experts([("math", experts["math"]), ("broken", broken)], out, **QUIET)
+    assert_nothing_written(out)
+
+    cfg, t = read_global(experts["code"])
+    key = "decoder.layers.self_attention.linear_proj.weight"
+    t[key][0, 2, 2] = 3.03e36
+    huge = write_global(cfg, t, tmp_path / "huge")
+    result = merge_experts([("math", experts["math"]), ("huge", huge)], out, **QUIET)
+    outliers = json.loads((out / MANIFEST_FILE).read_text())["outliers"]
+    others = float(read_global(experts["math"])[1][key].abs().max())
+    assert outliers == [{"tensor": key, "input": "huge", "max_abs": pytest.approx(3.03e36, rel=1e-2),
+                         "others_max_abs": others}]
+    assert f"outlier: huge's tensor '{key}' reaches |x| = 3.03e+36" in result.report
+
+
+def test_stale_temporary_output_is_removed_with_a_message(experts, tmp_path):
+    out = tmp_path / "out"
+    stale = incomplete_path(out)  # what a killed merge leaves
+    stale.mkdir()
+    (stale / "half.distcp").write_bytes(b"x" * 100)
+    lines = []
+    merge_experts([("math", experts["math"]), ("code", experts["code"])], out, print_fn=lines.append)
+    assert f"removing {stale}, left behind by a merge that did not finish" in lines
+    assert out.is_dir() and not stale.exists()
+
+
+def test_full_disk_names_the_path(experts, merged, tmp_path):
+    """A merge onto a small tmpfs - too small for the tensors (refused before writing), or
+    for the files that hold them (the disk fills mid-merge): an error naming the output,
+    nothing left there."""
+    import math
+    import subprocess
+
+    from megatron_bar.bar.merge_io import expected_tensors
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = small / "merged"
+        with pytest.raises(MergeError, match=rf"{re.escape(str(out))}: no space left on the device"):
+            merge_experts(list(experts.items()), out, **QUIET)
+        assert_nothing_written(out)
+        cfg = ModelConfig.load(merged)
+        tensors = sum(math.prod(s) * d.itemsize for s, d in expected_tensors(cfg, torch.float32).values())
+        subprocess.run(["mount", "-o", f"remount,size={tensors // 1024 + 8}k", str(small)], check=True)
+        with pytest.raises(MergeError, match=rf"{re.escape(str(out))}: no space left on the device"):
+            merge_experts(list(experts.items()), out, **QUIET)
+        assert_nothing_written(out)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_tool(experts, tmp_path):
     out = tmp_path / "out"
     proc = run_tool("merge_experts.py", "--experts", f"math={experts['math']}", f"code={experts['code']}",
