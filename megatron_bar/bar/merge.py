@@ -31,20 +31,18 @@ from typing import Callable, Sequence, Union
 
 import torch
 
+from megatron_bar.bar.divergence import GroupStats, format_divergence, outliers, report_group
+from megatron_bar.bar.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ManifestError, read_manifest
+from megatron_bar.bar.vocab import TOKENIZER_SUBDIR, VocabMergeError, VocabPlan, merge_tokenizers, plan_vocabulary
 from megatron_bar.bar.merge_io import Buffers, CheckpointReader, expected_tensors, intersect, local_slices, write_checkpoint
 from megatron_bar.model.config import ConfigError, ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free, incomplete_path
 
-MANIFEST_FILE = "bar_manifest.json"
-MANIFEST_FORMAT = "megatron_bar.bar_manifest/1"
-TOKENIZER_SUBDIR = "tokenizer"
 ANCHOR = 0
 BASE_NAME = "(base)"  # the base of an upgrade, in reports (not a valid expert name)
 DOMAIN_EXPERT = 1  # a domain checkpoint's own expert
 # Fields that may differ between the checkpoints being merged: the merge decides them.
 MERGE_FIELDS = ("num_experts", "moe_topk", "norm_topk_prob", "vocab_size")
-# An input tensor whose largest magnitude is this many times the others' is reported.
-OUTLIER_FACTOR = 100.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -90,9 +88,6 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
             raise MergeError(f"--weights: the weight of {name!r} must be a finite number >= 0, got {value}")
         weights[name] = w
     return weights
-
-
-# -- inputs -------------------------------------------------------------------------------
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -225,135 +220,6 @@ def _check_anchor(ref: _Input, inp: _Input) -> None:
             )
 
 
-# -- vocabulary ---------------------------------------------------------------------------
-
-
-@dataclass
-class _VocabPlan:
-    vocab_size: int
-    padded: int
-    # (start, end, indices of the inputs whose rows make it, kind): kind "token" (a real
-    # token of each of them), "unused" (no input has a token there; rows they have), "zero"
-    segments: list[tuple[int, int, list[int], str]]
-    tokens: list | None  # merged id -> token, where tokenizers are known
-    added: list[dict]  # ids not common to all inputs: {"id", "token", "from": [names]}
-
-
-def _plan_vocabulary(inputs: Sequence[_Input], pad_multiple: int, keep_rows_of: int | None = None) -> _VocabPlan:
-    """Which input rows make each row of the merged embedding / LM head.
-
-    ``keep_rows_of``: index of an input (the base of an upgrade) whose rows are taken for
-    every id it has a token for, the others contributing only ids it lacks.
-    """
-    with_tok = [i for i, inp in enumerate(inputs) if inp.tokens is not None]
-    sizes = {inp.n_real for inp in inputs}
-    if len(sizes) > 1 and len(with_tok) < len(inputs):
-        bare = [inp.name for inp in inputs if inp.tokens is None]
-        raise MergeError(
-            f"the vocabularies differ ({', '.join(f'{x.name}: {x.n_real}' for x in inputs)}) but "
-            f"{', '.join(bare)} carry no tokenizer/ folder to tell which tokens were added"
-        )
-    merged: list | None = None
-    owner: list[int] = []  # which input first defined each id
-    if with_tok:
-        merged = []
-        for i in with_tok:
-            inp = inputs[i]
-            for tid, tok in enumerate(inp.tokens):
-                if tid < len(merged):
-                    if merged[tid] != tok:
-                        other = inputs[owner[tid]]
-                        raise MergeError(
-                            f"token id {tid} is {merged[tid]!r} in {other.name} but {tok!r} in "
-                            f"{inp.name}: the experts added different tokens at the same id "
-                            f"(or come from different tokenizers); add them in one agreed order"
-                        )
-                else:
-                    merged.append(tok)
-                    owner.append(i)
-    vocab = max(inp.cfg.vocab_size for inp in inputs)
-    if merged is not None and len(merged) > vocab:
-        raise MergeError(f"the merged tokenizer has {len(merged)} tokens, more than the {vocab} vocabulary rows")
-    padded = int(math.ceil(vocab / pad_multiple) * pad_multiple)
-    bounds = {0, padded}
-    for inp in inputs:
-        bounds.update({min(inp.n_real, padded), min(inp.n_rows, padded)})
-    bounds = sorted(bounds)
-    segments = []
-    for a, b in zip(bounds, bounds[1:]):
-        has_token = [i for i, inp in enumerate(inputs) if b <= inp.n_real]
-        if keep_rows_of is not None and keep_rows_of in has_token:
-            has_token = [keep_rows_of]
-        if has_token:
-            segments.append((a, b, has_token, "token"))
-            continue
-        has_row = [i for i, inp in enumerate(inputs) if b <= inp.n_rows]
-        if keep_rows_of is not None and keep_rows_of in has_row:
-            has_row = [keep_rows_of]
-        segments.append((a, b, has_row, "unused" if has_row else "zero"))
-    common = min(inp.n_real for inp in inputs)
-    added = []
-    top = max(inp.n_real for inp in inputs)
-    for tid in range(common, top):
-        added.append({
-            "id": tid,
-            "token": merged[tid] if merged is not None and tid < len(merged) else None,
-            "from": [inp.name for inp in inputs if tid < inp.n_real],
-        })
-    return _VocabPlan(vocab, padded, segments, merged, added)
-
-
-def _merge_tokenizers(inputs: Sequence[_Input], plan: _VocabPlan):
-    """The merged tokenizer, built and checked before anything is written.
-
-    Returns ``(write, info)``: ``write(dest)`` puts the tokenizer folder at ``dest`` (the
-    folder of the input with the largest vocabulary, plus every token others added).
-    """
-    with_tok = [inp for inp in inputs if inp.tokenizer is not None]
-    if not with_tok:
-        first = next((inp for inp in inputs if (inp.path / TOKENIZER_SUBDIR).is_dir()), None)
-        if first is None:
-            return (lambda dest: None), None
-        return (lambda dest: shutil.copytree(first.path / TOKENIZER_SUBDIR, dest)), {"from": first.name}
-    from megatron_bar.data.tokenizer import load_tokenizer
-
-    base = max(with_tok, key=lambda inp: len(inp.tokens))
-    source = base.path / TOKENIZER_SUBDIR
-    specials = []
-    for inp in with_tok:
-        for t in inp.tokenizer.special_tokens:
-            if t not in specials:
-                specials.append(t)
-    if all(inp.tokens == base.tokens and inp.tokenizer.special_tokens == base.tokenizer.special_tokens
-           for inp in with_tok):
-        return (lambda dest: shutil.copytree(source, dest)), {"from": base.name, "added_special_tokens": []}
-    tok = load_tokenizer(source)
-    added = []
-    have = set(tok.special_tokens)
-    for tid in range(tok.vocab_size, len(plan.tokens)):  # ids beyond the base's, in order
-        got = tok.add_special_tokens([plan.tokens[tid]])
-        if got != [tid]:
-            raise MergeError(f"merging tokenizers: token {plan.tokens[tid]!r} got id {got[0]}, expected {tid}")
-        added.append(plan.tokens[tid])
-        have.add(plan.tokens[tid])
-    for t in specials:  # tokens another input made special without a new id
-        if t not in have:
-            tid = tok.token_to_id(t)
-            got = tok.add_special_tokens([t])
-            if tid is not None and got != [tid]:
-                raise MergeError(f"merging tokenizers: special token {t!r} moved from id {tid} to {got[0]}")
-            added.append(t)
-    for tid, t in enumerate(plan.tokens):
-        if tok.id_to_token(tid) != t:
-            raise MergeError(f"merging tokenizers: id {tid} is {tok.id_to_token(tid)!r}, expected {t!r}")
-
-    def write(dest: Path):
-        shutil.copytree(source, dest)  # files the tokenizer does not write itself
-        tok.save(dest)
-
-    return write, {"from": base.name, "added_special_tokens": added}
-
-
 # -- the plan: what each output tensor is made of ----------------------------------------
 
 
@@ -422,7 +288,7 @@ class MergePlan:
         return [Slice(self.shared)]
 
 
-def merge_plan(inputs: Sequence[_Input], vocab: _VocabPlan) -> MergePlan:
+def merge_plan(inputs: Sequence[_Input], vocab: VocabPlan) -> MergePlan:
     """BAR's merge: expert 0 is the anchor (input 0's, equal in all); expert ``j`` is input
     ``j``'s expert 1; router row 0 (the anchor's) and the shared parameters are the
     weighted mean of the inputs; router row ``j`` is input ``j``'s row 1; vocabulary rows
@@ -443,7 +309,7 @@ def merge_plan(inputs: Sequence[_Input], vocab: _VocabPlan) -> MergePlan:
 
 
 def upgrade_plan(inputs: Sequence[_Input], names: Sequence[str], replace: dict[str, int],
-                 added: Sequence[int], vocab: _VocabPlan) -> MergePlan:
+                 added: Sequence[int], vocab: VocabPlan) -> MergePlan:
     """BAR's upgrade of a merged base (input 0, experts ``names``): a replaced expert
     (``replace``: name -> input) and an added one (``added``: inputs, in order) bring their
     expert 1 and router row 1; everything else is the base's, bit for bit. The newcomers'
@@ -465,7 +331,7 @@ def upgrade_plan(inputs: Sequence[_Input], names: Sequence[str], replace: dict[s
     )
 
 
-def _vocab_rows(plan: _VocabPlan, inputs: Sequence[_Input], weights: Sequence[float]) -> list[Slice]:
+def _vocab_rows(plan: VocabPlan, inputs: Sequence[_Input], weights: Sequence[float]) -> list[Slice]:
     """Embedding / LM head rows by segment: the (renormalised) mean of the inputs that make
     it; the distance of each input with a token there is reported."""
     out = []
@@ -486,49 +352,13 @@ def _vocab_rows(plan: _VocabPlan, inputs: Sequence[_Input], weights: Sequence[fl
 # -- the executor -------------------------------------------------------------------------
 
 
-def _group_of(key: str) -> str:
-    if key == "embedding.word_embeddings.weight":
-        return "embedding"
-    if key == "output_layer.weight":
-        return "lm_head"
-    if key.endswith("router.weight"):
-        return "router (anchor row)"
-    if "norm" in key:
-        return "norms"
-    if ".self_attention." in key:
-        return "attention"
-    return "other"
-
-
-@dataclass
-class _GroupStats:
-    tensors: set = field(default_factory=set)
-    params: int = 0
-    averaged_params: int = 0
-    max_abs: dict = field(default_factory=dict)  # input name -> max |x - merged|
-    sq_dist: dict = field(default_factory=dict)  # input name -> sum of (x - merged)^2
-    sq_norm: dict = field(default_factory=dict)  # input name -> sum of merged^2 where it is reported
-
-    def as_dict(self) -> dict:
-        rel = {n: (math.sqrt(d / self.sq_norm[n]) if self.sq_norm[n] > 0 else (0.0 if d == 0 else math.inf))
-               for n, d in self.sq_dist.items()}
-        return {
-            "tensors": len(self.tensors),
-            "params": self.params,
-            "averaged_params": self.averaged_params,
-            "max_abs_diff": max(self.max_abs.values(), default=0.0),
-            "max_abs_from_merged": dict(self.max_abs),
-            "rel_l2_from_merged": rel,
-        }
-
-
 class _Executor:
     """Makes any box of any output tensor from the inputs by the plan's steps, one stored
     input chunk at a time, and keeps the divergence statistics of the means."""
 
     def __init__(self, inputs: Sequence[_Input], plan: MergePlan, shapes: dict):
         self.inputs, self.plan, self.shapes = inputs, plan, shapes
-        self.stats: dict[str, _GroupStats] = {}
+        self.stats: dict[str, GroupStats] = {}
         self.tensor_status: dict[str, str] = {}
         self.buffers = Buffers()
 
@@ -579,7 +409,7 @@ class _Executor:
             acc.copy_(first)
         dst.copy_(first if same else acc)
         n = dst.numel()
-        st = self.stats.setdefault(_group_of(key), _GroupStats())
+        st = self.stats.setdefault(report_group(key), GroupStats())
         st.tensors.add(key)
         st.params += n
         if same:
@@ -597,9 +427,7 @@ class _Executor:
                 d2 = float(torch.linalg.vector_norm(d)) ** 2
                 lo, hi = torch.aminmax(d)
                 dmax = max(-float(lo), float(hi))
-            st.sq_dist[name] = st.sq_dist.get(name, 0.0) + d2
-            st.sq_norm[name] = st.sq_norm.get(name, 0.0) + sq_m
-            st.max_abs[name] = max(st.max_abs.get(name, 0.0), dmax)
+            st.add(name, d2, sq_m, dmax)
 
     def survey(self) -> None:
         """A dry run: the means of every output tensor, a layer at a time, nothing kept."""
@@ -612,88 +440,6 @@ class _Executor:
                     self.fill(key, (0,) * len(shape), shape, copies=False)
                 else:
                     self.fill(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:], copies=False)
-
-
-def _outliers(inputs: Sequence[_Input]) -> list[dict]:
-    """Input tensors whose largest magnitude is far outside the other inputs' (a flipped
-    exponent bit, a diverged run), among the tensors read."""
-    out = []
-    for key in sorted(set().union(*(inp.reader.max_abs for inp in inputs))):
-        tops = {inp.name: inp.reader.max_abs[key] for inp in inputs if key in inp.reader.max_abs}
-        for name, top in tops.items():
-            others = max((v for n, v in tops.items() if n != name), default=None)
-            if others is not None and top > OUTLIER_FACTOR * others:
-                out.append({"tensor": key, "input": name, "max_abs": top, "others_max_abs": others})
-    return out
-
-
-# -- the manifest and the report ----------------------------------------------------------
-
-
-def read_manifest(directory: Path) -> dict:
-    path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
-        raise MergeError(f"{directory}: no {MANIFEST_FILE} - not a checkpoint made by merge_experts")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MergeError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("experts"), list):
-        raise MergeError(f"{path}: not a {MANIFEST_FORMAT} manifest")
-    return manifest
-
-
-def _fmt(x: float) -> str:
-    if x == 0:
-        return "0"
-    if math.isinf(x) or math.isnan(x):
-        return str(x)
-    return f"{x:.2e}"
-
-
-def _count(n: int) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
-
-
-def _fmt(x: float) -> str:
-    if x == 0:
-        return "0"
-    if math.isinf(x) or math.isnan(x):
-        return str(x)
-    return f"{x:.2e}"
-
-
-def _count(n: int) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
-
-
-def format_divergence(divergence: dict, names: Sequence[str], outliers: Sequence[dict] = ()) -> str:
-    """The divergence report as a table, one row per parameter group, then the outliers."""
-    head = ["group", "params", "averaged", "max|x-m|"] + list(names)
-    rows = [head]
-    order = ["embedding", "attention", "norms", "lm_head", "router (anchor row)", "other"]
-    for group in sorted(divergence, key=lambda g: order.index(g) if g in order else 99):
-        d = divergence[group]
-        rel = d["rel_l2_from_merged"]
-        rows.append([group, _count(d["params"]), _count(d["averaged_params"]), _fmt(d["max_abs_diff"])]
-                    + [_fmt(rel[n]) if n in rel else "-" for n in names])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["divergence of the shared parameters from the merged ones m: max |x - m| over the "
-             "inputs x, and per input ||x - m|| / ||m||"]
-    for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    for o in outliers:
-        lines.append(f"outlier: {o['input']}'s tensor {o['tensor']!r} reaches |x| = {o['max_abs']:.3g}, the "
-                     f"other inputs' at most {o['others_max_abs']:.3g} - check that checkpoint")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -720,13 +466,13 @@ def _now() -> str:
 # -- one run, merge or upgrade ------------------------------------------------------------
 
 
-def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: _VocabPlan, n_experts: int,
+def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: VocabPlan, tokenizer: tuple, n_experts: int,
          topk: int | None, save_dir: Path | None, plan_lines: list[str], report_names: list[str],
          manifest: dict, hashed: dict, print_fn: Callable) -> MergeResult:
     """Check, execute ``plan`` and write (``save_dir`` None: a dry run).
     ``hashed``: manifest entries -> the input whose content hash they get."""
     out_cfg = _output_config(ref.cfg, n_experts, vocab.vocab_size, topk)
-    write_tokenizer, tok_info = _merge_tokenizers(inputs, vocab)
+    write_tokenizer, tok_info = tokenizer
     for inp in inputs[1:]:
         _check_anchor(ref, inp)
     dtype = ref.reader.dtype(_VOCAB_KEYS[0])
@@ -760,7 +506,7 @@ def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: _VocabPla
                 for entry, inp in hashed:
                     entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
                 manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
-                manifest["outliers"] = _outliers(inputs)
+                manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
                 manifest["tensors"] = dict(sorted(ex.tensor_status.items()))
                 (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
             except (OSError, RuntimeError) as e:  # (torch.save's full disk: "unexpected pos")
@@ -768,7 +514,7 @@ def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: _VocabPla
                     raise _no_space(save_dir, size) from None
                 raise
     manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
-    manifest["outliers"] = _outliers(inputs)
+    manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
     report = format_divergence(manifest["divergence"], report_names, manifest["outliers"])
     print_fn(report)
     if save_dir is not None:
@@ -777,6 +523,15 @@ def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: _VocabPla
     else:
         print_fn("dry run: nothing written")
     return MergeResult(out_cfg, manifest, report, save_dir)
+
+
+def _vocabulary(inputs: Sequence[_Input], keep_rows_of: int | None = None) -> tuple[VocabPlan, tuple]:
+    """The vocabulary plan and the merged tokenizer ``(write, info)``, or a MergeError."""
+    try:
+        plan = plan_vocabulary(inputs, inputs[0].cfg.vocab_pad_multiple, keep_rows_of)
+        return plan, merge_tokenizers(inputs, plan)
+    except VocabMergeError as e:
+        raise MergeError(str(e)) from None
 
 
 def _free_bytes(path: Path) -> int:
@@ -848,7 +603,7 @@ def merge_experts(experts: Sequence[tuple[str, str | Path]], save_dir: str | Pat
     inputs, save_dir = _open_all(experts, save_dir, dry_run)
     ref = inputs[0]
     _check_inputs(ref, inputs, inputs)
-    vocab = _plan_vocabulary(inputs, ref.cfg.vocab_pad_multiple)
+    vocab, tokenizer = _vocabulary(inputs)
     w = [1.0] * len(inputs) if weights is None else [weights[inp.name] for inp in inputs]
     for inp, x in zip(inputs, w):
         inp.weight = x / sum(w)
@@ -880,7 +635,7 @@ def merge_experts(experts: Sequence[tuple[str, str | Path]], save_dir: str | Pat
     lines += [f"  vocabulary: id {a['id']} {a['token']!r} from {', '.join(a['from'])}" for a in vocab.added[:10]]
     if len(vocab.added) > 10:
         lines.append(f"  vocabulary: ... {len(vocab.added) - 10} more added ids")
-    return _run(inputs, ref, merge_plan(inputs, vocab), vocab=vocab, n_experts=len(inputs) + 1,
+    return _run(inputs, ref, merge_plan(inputs, vocab), vocab=vocab, tokenizer=tokenizer, n_experts=len(inputs) + 1,
                 topk=topk, save_dir=save_dir, plan_lines=lines, report_names=names, manifest=manifest,
                 hashed=list(zip(entries, inputs)), print_fn=print_fn)
 
@@ -902,7 +657,10 @@ def upgrade(base_dir: str | Path, save_dir: str | Path | None, *, replace: Seque
     base_dir = Path(base_dir)
     if not dry_run and save_dir is not None:
         check_output_free(save_dir)
-    manifest_in = read_manifest(base_dir)
+    try:
+        manifest_in = read_manifest(base_dir)
+    except ManifestError as e:
+        raise MergeError(str(e)) from None
     names = [e["name"] for e in manifest_in["experts"]]
     new = list(replace) + list(add)
     for i, (n, _) in enumerate(new):
@@ -919,7 +677,7 @@ def upgrade(base_dir: str | Path, save_dir: str | Path | None, *, replace: Seque
     if base.cfg.num_experts != len(names) + 1:
         raise MergeError(f"{base_dir}: {base.cfg.num_experts} experts but its manifest lists {len(names)} + anchor")
     _check_inputs(base, inputs, inputs[1:])
-    vocab = _plan_vocabulary(inputs, base.cfg.vocab_pad_multiple, keep_rows_of=0)
+    vocab, tokenizer = _vocabulary(inputs, keep_rows_of=0)
     replaced = {n: i + 1 for i, (n, _) in enumerate(replace)}
     added = list(range(len(replace) + 1, len(inputs)))
     order = names + [n for n, _ in add]
@@ -955,6 +713,7 @@ def upgrade(base_dir: str | Path, save_dir: str | Path | None, *, replace: Seque
     lines += [f"  vocabulary: id {a['id']} {a['token']!r} from {', '.join(a['from'])}"
               for a in vocab.added if BASE_NAME not in a["from"]]
     return _run(inputs, base, upgrade_plan(inputs, names, replaced, added, vocab), vocab=vocab,
+                tokenizer=tokenizer,
                 n_experts=len(order) + 1, topk=topk if topk is not None else base.cfg.moe_topk,
                 save_dir=save_dir, plan_lines=lines, report_names=[BASE_NAME] + [n for n, _ in new],
                 manifest=manifest, hashed=hashed, print_fn=print_fn)

@@ -390,12 +390,11 @@ def quantize_checkpoint(
         for name in ("tokenizer",):
             if (load / name).is_dir():
                 shutil.copytree(load / name, tmp / name)
-        from megatron_bar.bar.merge import MANIFEST_FILE
+        from megatron_bar.bar.manifest import MANIFEST_FILE, find_manifest
 
-        for src in (load, _run_start_dir(load)):
-            if src is not None and (src / MANIFEST_FILE).is_file():
-                shutil.copy2(src / MANIFEST_FILE, tmp / MANIFEST_FILE)  # expert names
-                break
+        src = find_manifest(load)
+        if src is not None:
+            shutil.copy2(src / MANIFEST_FILE, tmp / MANIFEST_FILE)  # expert names
         (tmp / QUANT_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     exported = None
@@ -410,12 +409,6 @@ def quantize_checkpoint(
         raise
     print_fn(f"wrote {save} ({summary['enabled_quantizers']})")
     return QuantizeResult(save, fmt.name, calib.summary(), summary, exported, meta)
-
-
-def _run_start_dir(load: Path) -> Path | None:
-    from megatron_bar.model.expert_select import _run_start
-
-    return _run_start(load)
 
 
 def export_hf(load: Path, out: Path, fmt: QuantFormat, cfg: ModelConfig, calib: CalibrationSet,

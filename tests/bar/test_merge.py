@@ -112,7 +112,7 @@ def reference_divergence(inputs, names, weights, vocab_size):
     """The divergence report computed directly: per group of shared parameters, each
     input's relative L2 distance from the fp32 mean and its largest absolute distance
     (embedding and LM head: the rows of real tokens, not the padding)."""
-    from megatron_bar.bar.merge import _group_of  # (the report's grouping of keys, not its arithmetic)
+    from megatron_bar.bar.divergence import report_group  # (the report's grouping of keys, not its arithmetic)
 
     total = sum(weights)
     sq_dist, sq_norm, max_abs = {}, {}, {}
@@ -123,7 +123,7 @@ def reference_divergence(inputs, names, weights, vocab_size):
         if k in VOCAB_KEYS:
             xs = [x[:vocab_size] for x in xs]
         m = sum(x.double() * (w / total) for x, w in zip(xs, weights))
-        g = _group_of(k)
+        g = report_group(k)
         for name, x in zip(names, xs):
             diff = x.double() - m
             sq_dist[g, name] = sq_dist.get((g, name), 0.0) + float(diff.square().sum())
