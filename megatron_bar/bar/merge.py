@@ -277,6 +277,7 @@ class MergePlan:
     router_rows: list[Step]  # output router row e (index on the row axis)
     shared: Step  # every other tensor (attention, norms, ...): shapes equal in all inputs
     vocab_rows: list[Slice]  # embedding and LM head rows (axis 0)
+    vocab: VocabPlan  # the merged vocabulary those rows make
 
     def tensor_slices(self, key: str) -> list[Slice]:
         if ".mlp.experts." in key:  # [layers, experts, ...]: expert slices stacked
@@ -305,6 +306,7 @@ def merge_plan(inputs: Sequence[_Input], vocab: VocabPlan) -> MergePlan:
         router_rows=[mean_of(ANCHOR)] + [Copy(Src(i, DOMAIN_EXPERT)) for i in everyone],
         shared=mean_of(),
         vocab_rows=_vocab_rows(vocab, inputs, weights),
+        vocab=vocab,
     )
 
 
@@ -328,6 +330,7 @@ def upgrade_plan(inputs: Sequence[_Input], names: Sequence[str], replace: dict[s
         router_rows=[keep(ANCHOR)] + [Copy(src) for src in experts[1:]],
         shared=keep(),
         vocab_rows=_vocab_rows(vocab, inputs, [1.0] * len(inputs)),
+        vocab=vocab,
     )
 
 
@@ -466,12 +469,13 @@ def _now() -> str:
 # -- one run, merge or upgrade ------------------------------------------------------------
 
 
-def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: VocabPlan, tokenizer: tuple, n_experts: int,
-         topk: int | None, save_dir: Path | None, plan_lines: list[str], report_names: list[str],
-         manifest: dict, hashed: dict, print_fn: Callable) -> MergeResult:
-    """Check, execute ``plan`` and write (``save_dir`` None: a dry run).
-    ``hashed``: manifest entries -> the input whose content hash they get."""
-    out_cfg = _output_config(ref.cfg, n_experts, vocab.vocab_size, topk)
+def _run(inputs: list[_Input], plan: MergePlan, tokenizer: tuple, *, topk: int | None, save_dir: Path | None,
+         lines: list[str], manifest: dict, hashed: list, print_fn: Callable) -> MergeResult:
+    """Check, execute ``plan`` and write (``save_dir`` None: a dry run). ``inputs[0]`` is
+    the reference (its anchor, architecture, dtype); ``hashed``: (manifest entry, input)
+    pairs, the entry getting the input's content hash."""
+    ref, vocab = inputs[0], plan.vocab
+    out_cfg = _output_config(ref.cfg, len(plan.experts), vocab.vocab_size, topk)
     write_tokenizer, tok_info = tokenizer
     for inp in inputs[1:]:
         _check_anchor(ref, inp)
@@ -480,14 +484,14 @@ def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: VocabPlan
     ex = _Executor(inputs, plan, shapes)
     ignored = [f"{inp.name}: {inp.ignored}" for inp in inputs if inp.ignored]
     if ignored:
-        plan_lines.append(f"  ignored (not model weights, e.g. optimizer state): {', '.join(ignored)} tensors")
+        lines.append(f"  ignored (not model weights, e.g. optimizer state): {', '.join(ignored)} tensors")
     size = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
-    plan_lines.append(f"  output: {len(shapes)} tensors, {size / 2**20:.1f} MiB")
-    plan_lines[1:1] = [
+    lines.append(f"  output: {len(shapes)} tensors, {size / 2**20:.1f} MiB")
+    lines[1:1] = [
         f"  model: {out_cfg.num_experts} experts, top-{out_cfg.moe_topk}"
         f"{' (renormalised)' if out_cfg.norm_topk_prob else ''}, vocabulary {vocab.vocab_size} "
         f"(padded {vocab.padded}), {out_cfg.num_layers} layers, hidden {out_cfg.hidden_size}, {dtype}"]
-    for line in plan_lines:
+    for line in lines:
         print_fn(line)
     manifest.update(num_experts=out_cfg.num_experts, moe_topk=out_cfg.moe_topk,
                     norm_topk_prob=out_cfg.norm_topk_prob, tokenizer=tok_info)
@@ -515,7 +519,7 @@ def _run(inputs: list[_Input], ref: _Input, plan: MergePlan, *, vocab: VocabPlan
                 raise
     manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
     manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
-    report = format_divergence(manifest["divergence"], report_names, manifest["outliers"])
+    report = format_divergence(manifest["divergence"], [inp.name for inp in inputs], manifest["outliers"])
     print_fn(report)
     if save_dir is not None:
         print_fn(f"wrote {save_dir} ({out_cfg.num_experts} experts: anchor + "
@@ -635,9 +639,8 @@ def merge_experts(experts: Sequence[tuple[str, str | Path]], save_dir: str | Pat
     lines += [f"  vocabulary: id {a['id']} {a['token']!r} from {', '.join(a['from'])}" for a in vocab.added[:10]]
     if len(vocab.added) > 10:
         lines.append(f"  vocabulary: ... {len(vocab.added) - 10} more added ids")
-    return _run(inputs, ref, merge_plan(inputs, vocab), vocab=vocab, tokenizer=tokenizer, n_experts=len(inputs) + 1,
-                topk=topk, save_dir=save_dir, plan_lines=lines, report_names=names, manifest=manifest,
-                hashed=list(zip(entries, inputs)), print_fn=print_fn)
+    return _run(inputs, merge_plan(inputs, vocab), tokenizer, topk=topk, save_dir=save_dir, lines=lines,
+                manifest=manifest, hashed=list(zip(entries, inputs)), print_fn=print_fn)
 
 
 # -- stage 2b: replace or add one expert ----------------------------------------------------
@@ -712,8 +715,6 @@ def upgrade(base_dir: str | Path, save_dir: str | Path | None, *, replace: Seque
     lines.append("  shared parameters, anchor and router rows of kept experts: copied from the base")
     lines += [f"  vocabulary: id {a['id']} {a['token']!r} from {', '.join(a['from'])}"
               for a in vocab.added if BASE_NAME not in a["from"]]
-    return _run(inputs, base, upgrade_plan(inputs, names, replaced, added, vocab), vocab=vocab,
-                tokenizer=tokenizer,
-                n_experts=len(order) + 1, topk=topk if topk is not None else base.cfg.moe_topk,
-                save_dir=save_dir, plan_lines=lines, report_names=[BASE_NAME] + [n for n, _ in new],
+    return _run(inputs, upgrade_plan(inputs, names, replaced, added, vocab), tokenizer,
+                topk=topk if topk is not None else base.cfg.moe_topk, save_dir=save_dir, lines=lines,
                 manifest=manifest, hashed=hashed, print_fn=print_fn)
