@@ -25,30 +25,24 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import torch
 
 from megatron_bar.bar.divergence import GroupStats, format_divergence, outliers, report_group
+from megatron_bar.bar.inputs import ANCHOR, Input, MergeError, check_anchor, check_inputs, open_input
 from megatron_bar.bar.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ManifestError, read_manifest
 from megatron_bar.bar.vocab import TOKENIZER_SUBDIR, VocabMergeError, VocabPlan, merge_tokenizers, plan_vocabulary
-from megatron_bar.bar.merge_io import Buffers, CheckpointReader, expected_tensors, intersect, local_slices, write_checkpoint
-from megatron_bar.model.config import ConfigError, ModelConfig
+from megatron_bar.bar.merge_io import Buffers, expected_tensors, intersect, local_slices, write_checkpoint
+from megatron_bar.model.config import ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free, incomplete_path
 
-ANCHOR = 0
 BASE_NAME = "(base)"  # the base of an upgrade, in reports (not a valid expert name)
 DOMAIN_EXPERT = 1  # a domain checkpoint's own expert
-# Fields that may differ between the checkpoints being merged: the merge decides them.
-MERGE_FIELDS = ("num_experts", "moe_topk", "norm_topk_prob", "vocab_size")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-class MergeError(ConfigError):
-    pass
 
 
 # -- command-line values ------------------------------------------------------------------
@@ -88,136 +82,6 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
             raise MergeError(f"--weights: the weight of {name!r} must be a finite number >= 0, got {value}")
         weights[name] = w
     return weights
-
-
-# -- inputs -------------------------------------------------------------------------------
-
-
-@dataclass
-class _Input:
-    name: str
-    reader: CheckpointReader
-    weight: float = 1.0
-    tokens: list | None = None  # id -> token string, from its tokenizer (None: no tokenizer)
-    tokenizer: object = None
-    model_keys: list = field(default_factory=list)  # the model's tensors (not optimizer state)
-    ignored: int = 0  # other tensors in the checkpoint
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.reader.config
-
-    @property
-    def path(self) -> Path:
-        return self.reader.dir
-
-    @property
-    def n_real(self) -> int:
-        """Ids that are tokens of this input (its tokenizer's, else the model's vocabulary)."""
-        return len(self.tokens) if self.tokens is not None else self.cfg.vocab_size
-
-    @property
-    def n_rows(self) -> int:
-        return self.cfg.padded_vocab_size
-
-
-def _open_input(name: str, path: Path) -> _Input:
-    if not Path(path).is_dir():
-        raise MergeError(f"{name}: {path} is not a checkpoint folder")
-    inp = _Input(name, CheckpointReader(path))
-    tok_dir = Path(path) / TOKENIZER_SUBDIR
-    if tok_dir.is_dir():
-        from megatron_bar.data.tokenizer import HF_TOKENIZER_FILE, SIDECAR_FILE, SPM_MODEL_FILE, load_tokenizer
-
-        if any((tok_dir / f).is_file() for f in (SIDECAR_FILE, HF_TOKENIZER_FILE, SPM_MODEL_FILE)):
-            try:
-                tok = load_tokenizer(tok_dir)
-            except (ValueError, OSError) as e:
-                raise MergeError(f"{name}: cannot read the tokenizer in {tok_dir}: {e}") from None
-            inp.tokenizer = tok
-            inp.tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
-            if len(inp.tokens) > inp.cfg.vocab_size:
-                raise MergeError(
-                    f"{name}: its tokenizer has {len(inp.tokens)} tokens but the model only "
-                    f"{inp.cfg.vocab_size} vocabulary rows ({tok_dir})"
-                )
-    return inp
-
-
-def _arch(cfg: ModelConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in MERGE_FIELDS}
-
-
-def _check_same_architecture(ref: _Input, others: Sequence[_Input]) -> None:
-    a = _arch(ref.cfg)
-    for inp in others:
-        b = _arch(inp.cfg)
-        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        if diff:
-            desc = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff)
-            raise MergeError(
-                f"{inp.name} ({inp.path}) has another architecture than {ref.name} ({ref.path}): {desc}"
-            )
-
-
-def _check_tensors(inp: _Input) -> None:
-    """The checkpoint holds every tensor its model config implies, with its shape and dtype.
-
-    Other tensors (the optimizer state of a training checkpoint) are ignored.
-    """
-    if "embedding.word_embeddings.weight" not in inp.reader.tensors:
-        raise MergeError(f"{inp.name}: {inp.path} holds no embedding - not a model checkpoint")
-    dtype = inp.reader.dtype("embedding.word_embeddings.weight")
-    expected = expected_tensors(inp.cfg, dtype)
-    have = inp.reader.tensors
-    missing = [k for k in expected if k not in have]
-    if missing:
-        raise MergeError(f"{inp.name}: {inp.path} lacks tensor {missing[0]!r} ({len(missing)} missing) - "
-                         f"is it a complete checkpoint of the model in its model_config.json?")
-    for k, (shape, dt) in expected.items():
-        if inp.reader.shape(k) != shape:
-            raise MergeError(
-                f"{inp.name}: tensor {k!r} in {inp.path} has shape {list(inp.reader.shape(k))}, "
-                f"its model config implies {list(shape)}"
-            )
-        if inp.reader.dtype(k) != dt:
-            raise MergeError(f"{inp.name}: tensor {k!r} in {inp.path} is {inp.reader.dtype(k)}, the rest {dt}")
-    inp.model_keys = sorted(expected)
-    inp.ignored = len(have) - len(expected)
-
-
-def _check_same_dtypes(ref: _Input, others: Sequence[_Input]) -> None:
-    for inp in others:
-        a, b = ref.reader.dtype(_VOCAB_KEYS[0]), inp.reader.dtype(_VOCAB_KEYS[0])
-        if a != b:
-            raise MergeError(f"{inp.name} stores {b} tensors, {ref.name} {a}: convert one of them first")
-
-
-def _expert_keys(keys) -> list[str]:
-    return [k for k in keys if ".mlp.experts." in k]
-
-
-def _check_anchor(ref: _Input, inp: _Input) -> None:
-    """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit (else a
-    MergeError naming the tensor, the layer and the largest difference)."""
-    buffers = Buffers()
-    for key in _expert_keys(inp.model_keys):
-        shape = inp.reader.shape(key)  # [layers, experts, ...]
-        worst, where = 0.0, None
-        for layer in range(shape[0]):
-            box = ((layer, ANCHOR) + (0,) * (len(shape) - 2), (1, 1) + shape[2:])
-            a = inp.reader.read(key, *box, out=buffers.get("anchor", box[1], inp.reader.dtype(key)))
-            b = ref.reader.read(key, *box)
-            if not torch.equal(a, b):
-                d = (a.float() - b.float()).abs().max().item()
-                if where is None or d > worst or math.isnan(d):
-                    worst, where = d, layer
-        if where is not None:
-            raise MergeError(
-                f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
-                f"tensor {key!r} (layer {where}, expert 0) max |difference| {worst:.3g}. Every "
-                f"expert must start from the same base and keep expert 0 frozen."
-            )
 
 
 # -- the plan: what each output tensor is made of ----------------------------------------
@@ -289,7 +153,7 @@ class MergePlan:
         return [Slice(self.shared)]
 
 
-def merge_plan(inputs: Sequence[_Input], vocab: VocabPlan) -> MergePlan:
+def merge_plan(inputs: Sequence[Input], vocab: VocabPlan) -> MergePlan:
     """BAR's merge: expert 0 is the anchor (input 0's, equal in all); expert ``j`` is input
     ``j``'s expert 1; router row 0 (the anchor's) and the shared parameters are the
     weighted mean of the inputs; router row ``j`` is input ``j``'s row 1; vocabulary rows
@@ -310,7 +174,7 @@ def merge_plan(inputs: Sequence[_Input], vocab: VocabPlan) -> MergePlan:
     )
 
 
-def upgrade_plan(inputs: Sequence[_Input], names: Sequence[str], replace: dict[str, int],
+def upgrade_plan(inputs: Sequence[Input], names: Sequence[str], replace: dict[str, int],
                  added: Sequence[int], vocab: VocabPlan) -> MergePlan:
     """BAR's upgrade of a merged base (input 0, experts ``names``): a replaced expert
     (``replace``: name -> input) and an added one (``added``: inputs, in order) bring their
@@ -334,7 +198,7 @@ def upgrade_plan(inputs: Sequence[_Input], names: Sequence[str], replace: dict[s
     )
 
 
-def _vocab_rows(plan: VocabPlan, inputs: Sequence[_Input], weights: Sequence[float]) -> list[Slice]:
+def _vocab_rows(plan: VocabPlan, inputs: Sequence[Input], weights: Sequence[float]) -> list[Slice]:
     """Embedding / LM head rows by segment: the (renormalised) mean of the inputs that make
     it; the distance of each input with a token there is reported."""
     out = []
@@ -359,7 +223,7 @@ class _Executor:
     """Makes any box of any output tensor from the inputs by the plan's steps, one stored
     input chunk at a time, and keeps the divergence statistics of the means."""
 
-    def __init__(self, inputs: Sequence[_Input], plan: MergePlan, shapes: dict):
+    def __init__(self, inputs: Sequence[Input], plan: MergePlan, shapes: dict):
         self.inputs, self.plan, self.shapes = inputs, plan, shapes
         self.stats: dict[str, GroupStats] = {}
         self.tensor_status: dict[str, str] = {}
@@ -469,7 +333,7 @@ def _now() -> str:
 # -- one run, merge or upgrade ------------------------------------------------------------
 
 
-def _run(inputs: list[_Input], plan: MergePlan, tokenizer: tuple, *, topk: int | None, save_dir: Path | None,
+def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | None, save_dir: Path | None,
          lines: list[str], manifest: dict, hashed: list, print_fn: Callable) -> MergeResult:
     """Check, execute ``plan`` and write (``save_dir`` None: a dry run). ``inputs[0]`` is
     the reference (its anchor, architecture, dtype); ``hashed``: (manifest entry, input)
@@ -478,7 +342,7 @@ def _run(inputs: list[_Input], plan: MergePlan, tokenizer: tuple, *, topk: int |
     out_cfg = _output_config(ref.cfg, len(plan.experts), vocab.vocab_size, topk)
     write_tokenizer, tok_info = tokenizer
     for inp in inputs[1:]:
-        _check_anchor(ref, inp)
+        check_anchor(ref, inp)
     dtype = ref.reader.dtype(_VOCAB_KEYS[0])
     shapes = expected_tensors(out_cfg, dtype)
     ex = _Executor(inputs, plan, shapes)
@@ -529,7 +393,7 @@ def _run(inputs: list[_Input], plan: MergePlan, tokenizer: tuple, *, topk: int |
     return MergeResult(out_cfg, manifest, report, save_dir)
 
 
-def _vocabulary(inputs: Sequence[_Input], keep_rows_of: int | None = None) -> tuple[VocabPlan, tuple]:
+def _vocabulary(inputs: Sequence[Input], keep_rows_of: int | None = None) -> tuple[VocabPlan, tuple]:
     """The vocabulary plan and the merged tokenizer ``(write, info)``, or a MergeError."""
     try:
         plan = plan_vocabulary(inputs, inputs[0].cfg.vocab_pad_multiple, keep_rows_of)
@@ -550,7 +414,7 @@ def _no_space(save_dir: Path, size: int) -> MergeError:
                       f"{size / 2**20:.1f} MiB, {_free_bytes(save_dir) / 2**20:.1f} MiB are free); nothing was written")
 
 
-def _open_all(named: Sequence[tuple[str, Path]], save_dir, dry_run: bool) -> tuple[list[_Input], Path | None]:
+def _open_all(named: Sequence[tuple[str, Path]], save_dir, dry_run: bool) -> tuple[list[Input], Path | None]:
     if not dry_run:
         if save_dir is None:
             raise MergeError("an output folder is needed (or a dry run)")
@@ -559,19 +423,7 @@ def _open_all(named: Sequence[tuple[str, Path]], save_dir, dry_run: bool) -> tup
     for i, p in enumerate(paths):
         if p in paths[:i]:
             raise MergeError(f"{named[i][0]} and {named[paths.index(p)][0]} are the same checkpoint ({p})")
-    return [_open_input(n, Path(p)) for n, p in named], (None if dry_run else Path(save_dir))
-
-
-def _check_inputs(ref: _Input, inputs: Sequence[_Input], domains: Sequence[_Input]) -> None:
-    for inp in domains:
-        if inp.cfg.num_experts != 2:
-            raise MergeError(f"{inp.name}: {inp.path} has {inp.cfg.num_experts or 'no'} experts; a domain "
-                             f"expert is the 2-expert model that tools/upcycle.py makes (anchor + expert)")
-    others = [inp for inp in inputs if inp is not ref]
-    _check_same_architecture(ref, others)
-    for inp in inputs:
-        _check_tensors(inp)
-    _check_same_dtypes(ref, others)
+    return [open_input(n, Path(p)) for n, p in named], (None if dry_run else Path(save_dir))
 
 
 # -- stage 2: merge -----------------------------------------------------------------------
@@ -606,7 +458,7 @@ def merge_experts(experts: Sequence[tuple[str, str | Path]], save_dir: str | Pat
             raise MergeError("--weights: the weights must not all be zero")
     inputs, save_dir = _open_all(experts, save_dir, dry_run)
     ref = inputs[0]
-    _check_inputs(ref, inputs, inputs)
+    check_inputs(ref, inputs, inputs)
     vocab, tokenizer = _vocabulary(inputs)
     w = [1.0] * len(inputs) if weights is None else [weights[inp.name] for inp in inputs]
     for inp, x in zip(inputs, w):
@@ -679,7 +531,7 @@ def upgrade(base_dir: str | Path, save_dir: str | Path | None, *, replace: Seque
     base = inputs[0]
     if base.cfg.num_experts != len(names) + 1:
         raise MergeError(f"{base_dir}: {base.cfg.num_experts} experts but its manifest lists {len(names)} + anchor")
-    _check_inputs(base, inputs, inputs[1:])
+    check_inputs(base, inputs, inputs[1:])
     vocab, tokenizer = _vocabulary(inputs, keep_rows_of=0)
     replaced = {n: i + 1 for i, (n, _) in enumerate(replace)}
     added = list(range(len(replace) + 1, len(inputs)))

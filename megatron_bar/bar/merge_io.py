@@ -1,18 +1,15 @@
-"""Megatron dist checkpoints read and written one stored chunk at a time, for tools that
-must not hold a whole model (the merge).
+"""Megatron dist checkpoints read and written a stored chunk at a time (the merge).
 
-Reading (:class:`CheckpointReader`): any box of a stored tensor, in global coordinates,
-loaded with ``torch.distributed.checkpoint.load`` into a buffer of that box - the way
-Megatron-LM's ``tools/checkpoint/dist_checkpoint_io.py`` loads whole tensors, with a load
-planner that asks for one box instead of the global tensor. Every stored chunk loaded is
-checked for non-finite values, its largest magnitude kept per tensor, and its bytes hashed
-(XXH3-128) for a content hash of the checkpoint.
+Reading (:class:`CheckpointReader`): a box of a stored tensor, loaded with
+``torch.distributed.checkpoint.load`` into a buffer - as Megatron-LM's
+``tools/checkpoint/dist_checkpoint_io.py`` loads whole tensors, with a load planner asking
+for one box. Each stored chunk loaded is checked for non-finite values, its largest
+magnitude kept per tensor, and its bytes hashed (XXH3-128) for a content hash.
 
-Writing (:func:`write_checkpoint`): megatron's own ``dist_checkpointing.save`` of the
-``sharded_state_dict`` of a model built on the *meta* device, so keys, global shapes,
-chunks, ``common.pt`` and ``metadata.json`` are exactly what megatron writes for that model
-(it loads at any TP / PP / EP), with a save planner whose ``resolve_data`` computes each
-chunk when torch's ``FileSystemWriter`` asks for it: one chunk in memory at a time.
+Writing (:func:`write_checkpoint`): megatron's ``dist_checkpointing.save`` of the sharded
+state dict of the model built on the *meta* device - keys, shapes, chunks, ``common.pt`` and
+``metadata.json`` are what megatron writes for that model, which loads at any TP / PP / EP -
+with a save planner whose ``resolve_data`` makes each chunk when torch's writer writes it.
 """
 
 from __future__ import annotations
@@ -75,8 +72,6 @@ class Buffers:
             self._kept[ident] = torch.empty(ident[1], dtype=dtype)
         return self._kept[ident]
 
-    def clear(self) -> None:
-        self._kept.clear()
 
 
 class _BoxLoadPlanner(DefaultLoadPlanner):
@@ -99,7 +94,7 @@ class _BoxLoadPlanner(DefaultLoadPlanner):
 
 
 class _CachedMetadataReader(FileSystemReader):
-    """torch's reader, reading the ``.metadata`` file once for the many loads of a merge."""
+    """torch's reader, reading ``.metadata`` once for the many loads of a merge."""
 
     def read_metadata(self, *args, **kwargs):
         if not hasattr(self, "_metadata"):
@@ -114,11 +109,8 @@ class _Stored:
 
 
 class CheckpointReader:
-    """One megatron_bar checkpoint folder, read a box at a time.
-
-    Reads load whole stored chunks (what torch's reader reads anyway); the last one loaded
-    is kept, so rows of one chunk asked for in turn (router rows) are loaded once.
-    """
+    """One megatron_bar checkpoint folder, read a box at a time. Reads load whole stored
+    chunks (what torch's reader reads anyway); the last one is kept for the next read."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -206,7 +198,7 @@ class CheckpointReader:
 
     def close(self) -> None:
         CheckpointReader._last = None
-        self._buffers.clear()
+        self._buffers._kept.clear()
 
     def __enter__(self):
         return self
@@ -218,12 +210,12 @@ class CheckpointReader:
 # -- the model megatron saves -------------------------------------------------------------
 
 
-def meta_model(cfg: ModelConfig, dtype: torch.dtype):
-    """The TP=PP=EP=1 megatron model of ``cfg`` with every parameter on the meta device."""
+def _sharded_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """The sharded state dict of the TP=PP=EP=1 model of ``cfg``, on the meta device."""
     from megatron_bar.model.builder import build_model
 
     platform.initialize()
-    return build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta")
+    return build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta").sharded_state_dict()
 
 
 _EXPECTED: dict[tuple[str, torch.dtype], dict] = {}
@@ -235,7 +227,7 @@ def expected_tensors(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, tuple[tu
     ident = (json.dumps(cfg.to_dict(), sort_keys=True), dtype)
     if ident not in _EXPECTED:
         out = {}
-        for v in nested_values(meta_model(cfg, dtype).sharded_state_dict()):
+        for v in nested_values(_sharded_meta_model(cfg, dtype)):
             if isinstance(v, ShardedTensorFactory):  # stored under its key, at its tensor's shape
                 sh = next(iter(nested_values(v.build())))
                 out[v.key] = (tuple(sh.global_shape), v.data.dtype)
@@ -285,9 +277,8 @@ def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill
     """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``, each
     chunk ``fill(key, offsets, sizes)`` (a tensor of ``sizes``, in the global coordinates
     megatron stores ``key`` in), called once per chunk, in turn."""
-    sharded = meta_model(cfg, dtype).sharded_state_dict()
     try:
-        dist_checkpointing.save(sharded, str(directory), sharded_strategy=_LazySaveStrategy(fill))
+        dist_checkpointing.save(_sharded_meta_model(cfg, dtype), str(directory), sharded_strategy=_LazySaveStrategy(fill))
     except CheckpointException as e:
         # torch wraps what failed (a full disk, a bad input) with its rank's traceback; the
         # error itself is what the caller can act on

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_bar.bar.manifest import ANCHOR_NAME as ANCHOR
+from megatron_bar.bar.manifest import ANCHOR_NAME as ANCHOR  # noqa: F401 - the name of expert 0
 from megatron_bar.bar.manifest import expert_names  # noqa: F401 - model.load's, from the manifest
 from megatron_bar.model.config import ConfigError, ModelConfig
 
