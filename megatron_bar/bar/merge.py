@@ -34,15 +34,15 @@ import torch
 from megatron_bar.bar.divergence import GroupStats, format_divergence, outliers, report_group
 from megatron_bar.bar.inputs import ANCHOR, Input, MergeError, check_anchor, check_inputs, open_input
 from megatron_bar.bar.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ManifestError, read_manifest
-from megatron_bar.bar.vocab import TOKENIZER_SUBDIR, VocabMergeError, VocabPlan, merge_tokenizers, plan_vocabulary
 from megatron_bar.bar.merge_io import Buffers, expected_tensors, intersect, local_slices, write_checkpoint
+from megatron_bar.bar.vocab import (TOKENIZER_SUBDIR, VOCAB_PARAMS, VocabMergeError, VocabPlan, merge_tokenizers,
+                                    plan_vocabulary)
 from megatron_bar.model.config import ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free, incomplete_path
 
 BASE_NAME = "(base)"  # the base of an upgrade, in reports (not a valid expert name)
 DOMAIN_EXPERT = 1  # a domain checkpoint's own expert
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 # -- command-line values ------------------------------------------------------------------
@@ -148,7 +148,7 @@ class MergePlan:
             return [Slice(Copy(src), 1, e, e + 1) for e, src in enumerate(self.experts)]
         if key.endswith("router.weight"):  # [layers, experts, hidden]
             return [Slice(step, 1, e, e + 1) for e, step in enumerate(self.router_rows)]
-        if key in _VOCAB_KEYS:
+        if key in VOCAB_PARAMS:
             return self.vocab_rows
         return [Slice(self.shared)]
 
@@ -259,7 +259,7 @@ class _Executor:
         off = list(part[0])
         if src.index is not None:
             off[sl.axis] = src.index + part[0][sl.axis] - sl.start
-        return self.inputs[src.input].reader.read(key, off, part[1], out=out)
+        return self.inputs[src.input].reader.read(key, off, part[1], out=out, shared=out is None)
 
     def _mean(self, step: Mean, sl: Slice, key: str, part, dst: torch.Tensor) -> None:
         # Inputs are read one at a time (twice where reported: for the mean, then for the
@@ -338,59 +338,62 @@ def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | 
     """Check, execute ``plan`` and write (``save_dir`` None: a dry run). ``inputs[0]`` is
     the reference (its anchor, architecture, dtype); ``hashed``: (manifest entry, input)
     pairs, the entry getting the input's content hash."""
-    ref, vocab = inputs[0], plan.vocab
-    out_cfg = _output_config(ref.cfg, len(plan.experts), vocab.vocab_size, topk)
-    write_tokenizer, tok_info = tokenizer
-    for inp in inputs[1:]:
-        check_anchor(ref, inp)
-    dtype = ref.reader.dtype(_VOCAB_KEYS[0])
-    shapes = expected_tensors(out_cfg, dtype)
-    ex = _Executor(inputs, plan, shapes)
-    ignored = [f"{inp.name}: {inp.ignored}" for inp in inputs if inp.ignored]
-    if ignored:
-        lines.append(f"  ignored (not model weights, e.g. optimizer state): {', '.join(ignored)} tensors")
-    size = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
-    lines.append(f"  output: {len(shapes)} tensors, {size / 2**20:.1f} MiB")
-    lines[1:1] = [
-        f"  model: {out_cfg.num_experts} experts, top-{out_cfg.moe_topk}"
-        f"{' (renormalised)' if out_cfg.norm_topk_prob else ''}, vocabulary {vocab.vocab_size} "
-        f"(padded {vocab.padded}), {out_cfg.num_layers} layers, hidden {out_cfg.hidden_size}, {dtype}"]
-    for line in lines:
-        print_fn(line)
-    manifest.update(num_experts=out_cfg.num_experts, moe_topk=out_cfg.moe_topk,
-                    norm_topk_prob=out_cfg.norm_topk_prob, tokenizer=tok_info)
-    if save_dir is None:
-        ex.survey()
-    else:
-        stale = incomplete_path(save_dir)
-        if stale.exists():
-            print_fn(f"removing {stale}, left behind by a merge that did not finish")
-        if _free_bytes(save_dir) < size:
-            raise _no_space(save_dir, size)
-        with atomic_output_dir(save_dir) as tmp:
-            try:
-                write_checkpoint(out_cfg, dtype, tmp, ex.fill)
-                write_tokenizer(tmp / TOKENIZER_SUBDIR)
-                for entry, inp in hashed:
-                    entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
-                manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
-                manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
-                manifest["tensors"] = dict(sorted(ex.tensor_status.items()))
-                (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            except (OSError, RuntimeError) as e:  # (torch.save's full disk: "unexpected pos")
-                if getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(save_dir) < 1 << 20:
-                    raise _no_space(save_dir, size) from None
-                raise
-    manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
-    manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
-    report = format_divergence(manifest["divergence"], [inp.name for inp in inputs], manifest["outliers"])
-    print_fn(report)
-    if save_dir is not None:
-        print_fn(f"wrote {save_dir} ({out_cfg.num_experts} experts: anchor + "
-                 f"{', '.join(e['name'] for e in manifest['experts'])}; top-{out_cfg.moe_topk})")
-    else:
-        print_fn("dry run: nothing written")
-    return MergeResult(out_cfg, manifest, report, save_dir)
+    try:
+        ref, vocab = inputs[0], plan.vocab
+        out_cfg = _output_config(ref.cfg, len(plan.experts), vocab.vocab_size, topk)
+        write_tokenizer, tok_info = tokenizer
+        for inp in inputs[1:]:
+            check_anchor(ref, inp)
+        dtype = ref.reader.dtype(VOCAB_PARAMS[0])
+        shapes = expected_tensors(out_cfg, dtype)
+        ex = _Executor(inputs, plan, shapes)
+        ignored = [f"{inp.name}: {inp.ignored}" for inp in inputs if inp.ignored]
+        if ignored:
+            lines.append(f"  ignored (not model weights, e.g. optimizer state): {', '.join(ignored)} tensors")
+        size = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
+        lines.append(f"  output: {len(shapes)} tensors, {size / 2**20:.1f} MiB")
+        lines[1:1] = [
+            f"  model: {out_cfg.num_experts} experts, top-{out_cfg.moe_topk}"
+            f"{' (renormalised)' if out_cfg.norm_topk_prob else ''}, vocabulary {vocab.vocab_size} "
+            f"(padded {vocab.padded}), {out_cfg.num_layers} layers, hidden {out_cfg.hidden_size}, {dtype}"]
+        for line in lines:
+            print_fn(line)
+        manifest.update(num_experts=out_cfg.num_experts, moe_topk=out_cfg.moe_topk,
+                        norm_topk_prob=out_cfg.norm_topk_prob, tokenizer=tok_info)
+        if save_dir is None:
+            ex.survey()
+        else:
+            stale = incomplete_path(save_dir)
+            if stale.exists():
+                print_fn(f"removing {stale}, left behind by a merge that did not finish")
+            if _free_bytes(save_dir) < size:
+                raise _no_space(save_dir, size)
+            with atomic_output_dir(save_dir) as tmp:
+                try:
+                    write_checkpoint(out_cfg, dtype, tmp, ex.fill)
+                    write_tokenizer(tmp / TOKENIZER_SUBDIR)
+                    for entry, inp in hashed:
+                        entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
+                    manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
+                    manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
+                    manifest["tensors"] = dict(sorted(ex.tensor_status.items()))
+                    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+                except (OSError, RuntimeError) as e:  # (torch.save's full disk: "unexpected pos")
+                    if getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(save_dir) < 1 << 20:
+                        raise _no_space(save_dir, size) from None
+                    raise
+        manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
+        manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
+        report = format_divergence(manifest["divergence"], [inp.name for inp in inputs], manifest["outliers"])
+        print_fn(report)
+        if save_dir is not None:
+            print_fn(f"wrote {save_dir} ({out_cfg.num_experts} experts: anchor + "
+                     f"{', '.join(e['name'] for e in manifest['experts'])}; top-{out_cfg.moe_topk})")
+        else:
+            print_fn("dry run: nothing written")
+        return MergeResult(out_cfg, manifest, report, save_dir)
+    finally:
+        inputs[0].reader.close()  # (frees the buffers all readers share)
 
 
 def _vocabulary(inputs: Sequence[Input], keep_rows_of: int | None = None) -> tuple[VocabPlan, tuple]:

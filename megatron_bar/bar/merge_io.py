@@ -161,14 +161,14 @@ class CheckpointReader:
         return t
 
     def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int],
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, shared: bool = False) -> torch.Tensor:
         """Box ``(offsets, sizes)`` of ``key`` (global coordinates), in ``out`` if given.
-        Without ``out``, a box that is one stored chunk comes back in the readers' shared
-        buffer: read-only, and valid until the next read of any reader."""
+        ``shared``: a box that is one stored chunk may come back in the readers' shared
+        buffer - read-only, and valid until the next read of any reader (no copy)."""
         box = (tuple(offsets), tuple(sizes))
         if out is None:
             whole = [s for s in self._chunks[key] if s.box == box]
-            if whole:  # a stored chunk as it is (not to be written to: it may be reused)
+            if whole and shared:
                 return self._load(key, whole[0])
             out = torch.empty(box[1], dtype=self.dtype(key))
         covered = 0
@@ -278,7 +278,8 @@ def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill
     chunk ``fill(key, offsets, sizes)`` (a tensor of ``sizes``, in the global coordinates
     megatron stores ``key`` in), called once per chunk, in turn."""
     try:
-        dist_checkpointing.save(_sharded_meta_model(cfg, dtype), str(directory), sharded_strategy=_LazySaveStrategy(fill))
+        dist_checkpointing.save(_sharded_meta_model(cfg, dtype), str(directory),
+                                sharded_strategy=_LazySaveStrategy(fill))
     except CheckpointException as e:
         # torch wraps what failed (a full disk, a bad input) with its rank's traceback; the
         # error itself is what the caller can act on

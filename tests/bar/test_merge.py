@@ -21,7 +21,7 @@ import megatron_bar
 from helpers import batch, run_tool, torchrun
 from megatron_bar import platform
 from megatron_bar.bar.merge import MANIFEST_FILE, MergeError, merge_experts, upgrade
-from megatron_bar.bar.merge_io import local_slices, write_checkpoint
+from megatron_bar.bar.merge_io import CheckpointReader, local_slices, write_checkpoint
 from megatron_bar.bar.upcycle import upcycle
 from megatron_bar.model.checkpoint import save_model
 from megatron_bar.model.config import ModelConfig
@@ -603,6 +603,22 @@ def test_tool(experts, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "error: --experts: expert name 'math' is given twice"
     assert_nothing_written(out)
+
+
+# -- the reader ---------------------------------------------------------------------------
+
+
+def test_reader_boxes_equal_torchs_own_load(experts):
+    """The merge's reader against torch's own load of the global tensors: a box across
+    stored chunks (the two halves of fc1, two layers), and whole tensors that stay apart."""
+    _, want = read_global(experts["math"])
+    key = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    with CheckpointReader(experts["math"]) as r:
+        assert torch.equal(r.read(key, (0, 1, 90, 7), (2, 1, 12, 50)), want[key][0:2, 1:2, 90:102, 7:57])
+        got = {k: r.read(k, (0,) * len(r.shape(k)), r.shape(k)) for k in r.keys()}
+    assert set(got) == set(want)
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
 
 
 # -- other layouts ------------------------------------------------------------------------
