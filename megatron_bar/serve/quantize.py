@@ -275,6 +275,11 @@ def quantize_model(gpt, fmt: QuantFormat, cfg: ModelConfig, calib: CalibrationSe
     return gpt
 
 
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """Written by tools/quantize.py: megatron's modelopt_state folder beside the weights."""
+    return (Path(path) / "modelopt_state").is_dir()
+
+
 def restore_quantizers(gpt, path: str | Path):
     """Re-insert the quantizers recorded in ``path/modelopt_state`` (before the weights
     and their ``_extra_state`` are loaded)."""
@@ -315,7 +320,8 @@ def _expert_domains(load: Path, cfg: ModelConfig) -> list[str]:
     """The domain expert names of a merged BAR model (empty for dense / unnamed)."""
     if not cfg.is_moe:
         return []
-    from megatron_bar.model.expert_select import ANCHOR, expert_names
+    from megatron_bar.bar.manifest import ANCHOR_NAME as ANCHOR
+    from megatron_bar.bar.manifest import expert_names
 
     names = expert_names(load, cfg.num_experts)
     if all(n == ANCHOR or n.startswith("expert") and n[6:].isdigit() for n in names):
@@ -338,7 +344,6 @@ def quantize_checkpoint(
     only when complete."""
     from megatron_bar.model.builder import build_model
     from megatron_bar.model.checkpoint import load_weights, save_model
-    from megatron_bar.model.load import is_quantized_checkpoint
     from megatron_bar.utils.fs import check_output_free
 
     fmt = get_format(fmt_name)
