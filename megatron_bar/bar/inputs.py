@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from megatron_bar.bar.merge_io import Buffers, CheckpointReader, expected_tensors
+from megatron_bar.bar.roles import role_of
 from megatron_bar.bar.vocab import TOKENIZER_SUBDIR, VOCAB_PARAMS
 from megatron_bar.model.config import ConfigError, ModelConfig
 
@@ -125,7 +126,7 @@ def _check_same_dtypes(ref: Input, others: Sequence[Input]) -> None:
 
 
 def _expert_keys(keys) -> list[str]:
-    return [k for k in keys if ".mlp.experts." in k]
+    return [k for k in keys if role_of(k).group == "expert"]
 
 
 def check_anchor(ref: Input, inp: Input) -> None:

@@ -35,6 +35,7 @@ from megatron_bar.bar.divergence import GroupStats, format_divergence, outliers,
 from megatron_bar.bar.inputs import ANCHOR, Input, MergeError, check_anchor, check_inputs, open_input
 from megatron_bar.bar.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ManifestError, read_manifest
 from megatron_bar.bar.merge_io import Buffers, expected_tensors, intersect, local_slices, write_checkpoint
+from megatron_bar.bar.roles import role_of
 from megatron_bar.bar.vocab import (TOKENIZER_SUBDIR, VOCAB_PARAMS, VocabMergeError, VocabPlan, merge_tokenizers,
                                     plan_vocabulary)
 from megatron_bar.model.config import ModelConfig
@@ -144,11 +145,12 @@ class MergePlan:
     vocab: VocabPlan  # the merged vocabulary those rows make
 
     def tensor_slices(self, key: str) -> list[Slice]:
-        if ".mlp.experts." in key:  # [layers, experts, ...]: expert slices stacked
+        group = role_of(key).group
+        if group == "expert":  # [layers, experts, ...]: expert slices stacked
             return [Slice(Copy(src), 1, e, e + 1) for e, src in enumerate(self.experts)]
-        if key.endswith("router.weight"):  # [layers, experts, hidden]
+        if group == "router":  # [layers, experts, hidden]
             return [Slice(step, 1, e, e + 1) for e, step in enumerate(self.router_rows)]
-        if key in VOCAB_PARAMS:
+        if group in ("embedding", "lm_head"):
             return self.vocab_rows
         return [Slice(self.shared)]
 
@@ -299,7 +301,7 @@ class _Executor:
     def survey(self) -> None:
         """A dry run: the means of every output tensor, a layer at a time, nothing kept."""
         for key, (shape, _) in self.shapes.items():
-            if ".mlp.experts." in key:
+            if role_of(key).group == "expert":
                 continue
             layers = range(shape[0]) if key.startswith("decoder.layers.") else [None]
             for layer in layers:
