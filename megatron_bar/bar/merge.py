@@ -287,7 +287,7 @@ class _Executor:
             st.averaged_params += n
             self.tensor_status[key] = "averaged"
         sq_m = float(torch.linalg.vector_norm(acc)) ** 2 if step.report else 0.0
-        for name, src in step.report:
+        for name, src in reversed(step.report):  # (the last input read is still loaded)
             if (same and src in step.srcs) or not n:
                 d2 = dmax = 0.0
             else:
