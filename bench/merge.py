@@ -1,11 +1,11 @@
 """Merging K expert checkpoints against a plain copy of the same bytes.
 
-    python bench/merge.py --experts 4                      # 4 experts, ~380 MB each (bf16)
+    python bench/merge.py                                  # K = 2 and 4, ~360 MiB each (bf16)
     python bench/merge.py --experts 2 --hidden 512 --layers 4
 
-Writes K synthetic 2-expert domain checkpoints of the given size (same anchor, every shared
+Writes max(K) synthetic 2-expert domain checkpoints of the given size (same anchor, every shared
 parameter and expert 1 different per domain - the worst case: everything shared is
-averaged), then, ``--repeat`` times in alternation:
+averaged), then, for each K of ``--experts`` (the first K of them), ``--repeat`` times in alternation:
 
 * merge: ``megatron_bar.bar.merge.merge_experts`` of the K checkpoints, in a child process
   (so that its peak resident memory is its own: ``VmHWM`` of that process, which
@@ -15,14 +15,16 @@ averaged), then, ``--repeat`` times in alternation:
 * copy: ``shutil.copytree`` of the same K checkpoint folders (the bytes the merge reads),
   fsyncing each file as the merge fsyncs its output.
 
-The page cache is warm for both (the inputs are read once after they are written), and the
+The page cache is warm for both (the inputs are read once before the rounds), and the
 disk idle (each is preceded by a ``sync``: neither pays for writeback pending from before).
 Each round measures the merge and the copy back to back, so the two see the same machine
 (a shared machine's load and the disk swing both by 2x from round to round); ``ratio`` is the median of
-the per-round ratios. The LAST line is a JSON object with ``merge_s``, ``copy_s`` (medians),
+the per-round ratios. One line per K is a JSON object with ``merge_s``, ``copy_s`` (medians),
 ``ratio`` (median of merge / copy per round), ``ratio_min`` / ``ratio_max``,
 ``peak_rss_mb`` (the merge's, max over repeats) and ``largest_tensor_mb`` (the largest
-tensor the merge writes at once: the embedding / LM head), plus the sizes.
+tensor the merge writes at once: the embedding / LM head), plus the sizes. The LAST line
+is a JSON object with those per K (``runs``) and ``peak_rss_spread``: the largest peak
+over the smallest, minus 1 (how much the merge's memory grows with K).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--experts", type=int, default=4, help="K: domain checkpoints to merge")
+    p.add_argument("--experts", type=int, nargs="+", default=[2, 4], help="K: domain checkpoints to merge")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--layers", type=int, default=6)
@@ -86,7 +88,7 @@ def make_experts(args, root: Path) -> tuple[list[tuple[str, Path]], int]:
     dtype = _dtype(args.dtype)
     largest = 0
     out = []
-    for k in range(args.experts):
+    for k in range(max(args.experts)):
 
         def fill(key, off, sz, k=k):
             nonlocal largest
@@ -125,9 +127,8 @@ def copy_folders(folders, dest: Path) -> float:
 
 def _read_through(folders) -> None:
     """Read every file of ``folders`` once, so that every round finds them in the page
-    cache. They are written with O_DIRECT (the merge's writer), which leaves nothing
-    there: without this the first merge read its inputs from the disk (1.9 s instead of
-    1.0 s) and the copy after it found them cached."""
+    cache (the first merge must not read its inputs from the disk while the copy after
+    it finds them cached)."""
     buf = bytearray(16 << 20)
     for folder in folders:
         for f in sorted(Path(folder).rglob("*")):
@@ -139,10 +140,8 @@ def _read_through(folders) -> None:
 
 def _settle() -> None:
     """Before a timed merge or copy: the disk finishes what is pending (the inputs just
-    generated, the last output deleted), so that neither pays for the other's writeback -
-    a merge's output is written with O_DIRECT (nothing pending after it), a copy's through
-    the page cache (fsynced), a deleted folder may leave journal work. The page cache
-    stays warm."""
+    generated, the last output deleted), so that neither pays for the other's writeback (a
+    deleted folder may leave journal work). The page cache stays warm."""
     if hasattr(os, "sync"):
         os.sync()
 
@@ -197,53 +196,57 @@ def main(argv=None):
     if args.child:
         run_child(args.child[0], args.child[1:])
         return
-    if args.experts < 1:
+    if min(args.experts) < 1:
         raise SystemExit("--experts must be at least 1")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        experts, largest = make_experts(args, root / "inputs")
-        model_bytes = _folder_bytes(experts[0][1])
-        in_bytes = sum(_folder_bytes(p) for _, p in experts)
-        print(f"{args.experts} synthetic domain checkpoints of {model_bytes / 2**20:.0f} MiB "
+        all_experts, largest = make_experts(args, root / "inputs")
+        model_bytes = _folder_bytes(all_experts[0][1])
+        print(f"{len(all_experts)} synthetic domain checkpoints of {model_bytes / 2**20:.0f} MiB "
               f"({args.dtype}) written in {time.perf_counter() - t0:.1f}s", flush=True)
-        _read_through([p for _, p in experts])
-        merges, copies, peaks, growth = [], [], [], []
-        out_bytes = 0
-        for r in range(args.repeat):
-            out = root / f"merged{r}"
-            _settle()
-            res = merge_in_child(out, experts)
-            out_bytes = _folder_bytes(out)
-            merges.append(res["merge_s"])
-            peaks.append(res["peak_rss"])
-            growth.append(res["peak_rss"] - res["rss_before"])
-            shutil.rmtree(out)
-            dest = root / f"copy{r}"
-            dest.mkdir()
-            _settle()
-            copies.append(copy_folders([p for _, p in experts], dest))
-            shutil.rmtree(dest)
-            print(f"round {r}: merge {merges[-1]:.2f}s (peak RSS {peaks[-1] / 2**20:.0f} MiB), "
-                  f"copy {copies[-1]:.2f}s", flush=True)
-        merge_s, copy_s = statistics.median(merges), statistics.median(copies)
-        ratios = [m / c for m, c in zip(merges, copies)]
-        result = {
-            "experts": args.experts,
-            "merge_s": round(merge_s, 3),
-            "copy_s": round(copy_s, 3),
-            "ratio": round(statistics.median(ratios), 3),
-            "ratio_min": round(min(ratios), 3),
-            "ratio_max": round(max(ratios), 3),
-            "peak_rss_mb": round(max(peaks) / 2**20, 1),
-            "merge_rss_growth_mb": round(max(growth) / 2**20, 1),
-            "largest_tensor_mb": round(largest / 2**20, 1),
-            "model_mb": round(model_bytes / 2**20, 1),
-            "input_mb": round(in_bytes / 2**20, 1),
-            "output_mb": round(out_bytes / 2**20, 1),
-        }
-        print(json.dumps(result))
+        _read_through([p for _, p in all_experts])
+        runs = []
+        for k in args.experts:
+            experts = all_experts[:k]
+            in_bytes = sum(_folder_bytes(p) for _, p in experts)
+            merges, copies, peaks, growth = [], [], [], []
+            out_bytes = 0
+            for r in range(args.repeat):
+                out = root / f"merged{r}"
+                _settle()
+                res = merge_in_child(out, experts)
+                out_bytes = _folder_bytes(out)
+                merges.append(res["merge_s"])
+                peaks.append(res["peak_rss"])
+                growth.append(res["peak_rss"] - res["rss_before"])
+                shutil.rmtree(out)
+                dest = root / f"copy{r}"
+                dest.mkdir()
+                _settle()
+                copies.append(copy_folders([p for _, p in experts], dest))
+                shutil.rmtree(dest)
+                print(f"K={k} round {r}: merge {merges[-1]:.2f}s (peak RSS {peaks[-1] / 2**20:.0f} MiB), "
+                      f"copy {copies[-1]:.2f}s", flush=True)
+            ratios = [m / c for m, c in zip(merges, copies)]
+            runs.append({
+                "experts": k,
+                "merge_s": round(statistics.median(merges), 3),
+                "copy_s": round(statistics.median(copies), 3),
+                "ratio": round(statistics.median(ratios), 3),
+                "ratio_min": round(min(ratios), 3),
+                "ratio_max": round(max(ratios), 3),
+                "peak_rss_mb": round(max(peaks) / 2**20, 1),
+                "merge_rss_growth_mb": round(max(growth) / 2**20, 1),
+                "largest_tensor_mb": round(largest / 2**20, 1),
+                "model_mb": round(model_bytes / 2**20, 1),
+                "input_mb": round(in_bytes / 2**20, 1),
+                "output_mb": round(out_bytes / 2**20, 1),
+            })
+            print(json.dumps(runs[-1]), flush=True)
+        peaks = [r["peak_rss_mb"] for r in runs]
+        print(json.dumps({"runs": runs, "peak_rss_spread": round(max(peaks) / min(peaks) - 1, 3)}))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -20,7 +20,6 @@ bits after, which keeps it bit-identical whatever the optimizer does.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -28,16 +27,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_bar import platform
+from megatron_bar.bar.roles import ANCHOR_EXPERT, SHARED_GROUPS, role_of  # noqa: F401 - SHARED_GROUPS: the trainer's
 
-ANCHOR_EXPERT = 0
 EXPERT_STAGES = ("midtrain", "sft", "rlvr")  # BAR stage 1: the anchor is frozen
-SHARED_GROUPS = ("embedding", "lm_head", "attention", "norms")  # averaged by the merge
 
 GROUPS = ("embedding", "lm_head", "attention", "norms", "router", "anchor_expert", "experts",
           "dense_mlp")
-
-_SEQUENTIAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
-_GROUPED_EXPERT = re.compile(r"\.experts\.linear_fc[12]\.weight(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -70,24 +65,17 @@ def local_expert_offset(num_experts: int) -> int:
 
 
 def param_group(name: str, num_experts: int = 0) -> str:
-    """The freeze group of a parameter of this rank's model, by name."""
-    if name.startswith("embedding."):
-        return "embedding"
-    if name.startswith("output_layer."):
-        return "lm_head"
-    if ".self_attention." in name:
-        return "attention"
-    if "layernorm" in name:
-        return "norms"
-    if name.endswith("mlp.router.weight"):
+    """The freeze group of a parameter of this rank's model, by name (its role, the anchor
+    told apart from the other experts)."""
+    role = role_of(name)
+    if role.group == "router":
         return "router"
-    m = _SEQUENTIAL_EXPERT.search(name) or _GROUPED_EXPERT.search(name)
-    if m:
-        global_index = local_expert_offset(num_experts) + int(m.group(1))
+    if role.group == "expert":
+        if role.expert is None:
+            raise ValueError(f"parameter {name!r}: expert parameter without an expert index")
+        global_index = local_expert_offset(num_experts) + role.expert
         return "anchor_expert" if global_index == ANCHOR_EXPERT else "experts"
-    if ".mlp." in name:
-        return "dense_mlp"
-    raise ValueError(f"parameter {name!r} belongs to no freeze group")
+    return role.group
 
 
 def apply_freeze_policy(model, policy: FreezePolicy, num_experts: int) -> dict[str, str]:

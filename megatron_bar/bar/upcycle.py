@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_bar.bar.roles import role_of
 from megatron_bar.convert import TOKENIZER_SUBDIR, build_for_conversion, checkpoint_dtype
 from megatron_bar.model.checkpoint import load_weights, save_model
 from megatron_bar.model.config import ConfigError, ModelConfig
@@ -30,7 +31,7 @@ _EXPERT_KEY = re.compile(r"^(decoder\.layers\.\d+\.mlp\.)experts\.local_experts\
 
 def dense_key_for(moe_key: str) -> str | None:
     """The dense tensor a MoE tensor is copied from (None for the router)."""
-    if moe_key.endswith("mlp.router.weight"):
+    if role_of(moe_key).group == "router":
         return None
     m = _EXPERT_KEY.match(moe_key)
     return m.group(1) + m.group(2) if m else moe_key

@@ -20,17 +20,15 @@ memory but receive no token.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_bar.bar.manifest import ANCHOR_NAME as ANCHOR  # noqa: F401 - the name of expert 0
+from megatron_bar.bar.manifest import expert_names  # noqa: F401 - model.load's, from the manifest
 from megatron_bar.model.config import ConfigError, ModelConfig
-
-ANCHOR = "anchor"
 
 
 @dataclass(frozen=True)
@@ -47,37 +45,6 @@ class ExpertSelection:
     def describe(self) -> str:
         dropped = ", ".join(self.names[e] for e in self.dropped) or "none"
         return f"dropped: {dropped}; top-k per layer: {list(self.layer_topk)}"
-
-
-def expert_names(path: str | Path, num_experts: int) -> list[str]:
-    """``["anchor", <name of expert 1>, ...]`` from the merged checkpoint's manifest.
-
-    A router-stage checkpoint (``<run>/checkpoints/iter_N``) carries no manifest: its
-    run's ``config.json`` names the merged checkpoint it started from, whose manifest is
-    read instead. Without one the names are ``expert<e>``.
-    """
-    from megatron_bar.bar.merge import MANIFEST_FILE, read_manifest  # bar builds on model
-
-    path = Path(path)
-    for candidate in (path, _run_start(path)):
-        if candidate is not None and (candidate / MANIFEST_FILE).is_file():
-            experts = sorted(read_manifest(candidate)["experts"], key=lambda e: e["index"])
-            names = [ANCHOR] + [e["name"] for e in experts]  # the manifest lists 1..N
-            if len(names) == num_experts:
-                return names
-    return [ANCHOR] + [f"expert{e}" for e in range(1, num_experts)]
-
-
-def _run_start(ckpt: Path) -> Path | None:
-    """The checkpoint a training run started from, for a checkpoint inside that run."""
-    config = ckpt.parent.parent / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        load = json.loads(config.read_text()).get("model", {}).get("load")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    return Path(load) if load else None
 
 
 def resolve_selection(

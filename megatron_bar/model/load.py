@@ -78,9 +78,9 @@ def load_model(
         selection = resolve_selection(cfg, expert_names(path, cfg.num_experts), drop_experts,
                                       layer_topk, where=str(path))
     gpt = build_model(cfg, params_dtype=params_dtype)
-    if is_quantized_checkpoint(path):
-        from megatron_bar.serve.quantize import restore_quantizers
+    from megatron_bar.serve.quantize import is_quantized_checkpoint, restore_quantizers
 
+    if is_quantized_checkpoint(path):
         gpt = restore_quantizers(gpt, path)
     load_weights(gpt, cfg, path)
     if selection is not None:
@@ -88,8 +88,3 @@ def load_model(
     model = CausalLM(gpt, cfg)
     model.expert_selection = selection
     return model.eval() if eval_mode else model
-
-
-def is_quantized_checkpoint(path: str | Path) -> bool:
-    """Written by tools/quantize.py: megatron's modelopt_state folder beside the weights."""
-    return (Path(path) / "modelopt_state").is_dir()

@@ -273,6 +273,11 @@ def quantize_model(gpt, fmt: QuantFormat, cfg: ModelConfig, calib: CalibrationSe
     return gpt
 
 
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """Written by tools/quantize.py: megatron's modelopt_state folder beside the weights."""
+    return (Path(path) / "modelopt_state").is_dir()
+
+
 def restore_quantizers(gpt, path: str | Path):
     """Re-insert the quantizers recorded in ``path/modelopt_state`` (before the weights
     and their ``_extra_state`` are loaded)."""
@@ -313,7 +318,8 @@ def _expert_domains(load: Path, cfg: ModelConfig) -> list[str]:
     """The domain expert names of a merged BAR model (empty for dense / unnamed)."""
     if not cfg.is_moe:
         return []
-    from megatron_bar.model.expert_select import ANCHOR, expert_names
+    from megatron_bar.bar.manifest import ANCHOR_NAME as ANCHOR
+    from megatron_bar.bar.manifest import expert_names
 
     names = expert_names(load, cfg.num_experts)
     if all(n == ANCHOR or n.startswith("expert") and n[6:].isdigit() for n in names):
@@ -336,7 +342,6 @@ def quantize_checkpoint(
     only when complete."""
     from megatron_bar.model.builder import build_model
     from megatron_bar.model.checkpoint import load_weights, save_model
-    from megatron_bar.model.load import is_quantized_checkpoint
     from megatron_bar.utils.fs import check_output_free
 
     fmt = get_format(fmt_name)
@@ -388,12 +393,11 @@ def quantize_checkpoint(
         for name in ("tokenizer",):
             if (load / name).is_dir():
                 shutil.copytree(load / name, tmp / name)
-        from megatron_bar.bar.merge import MANIFEST_FILE
+        from megatron_bar.bar.manifest import MANIFEST_FILE, find_manifest
 
-        for src in (load, _run_start_dir(load)):
-            if src is not None and (src / MANIFEST_FILE).is_file():
-                shutil.copy2(src / MANIFEST_FILE, tmp / MANIFEST_FILE)  # expert names
-                break
+        src = find_manifest(load)
+        if src is not None:
+            shutil.copy2(src / MANIFEST_FILE, tmp / MANIFEST_FILE)  # expert names
         (tmp / QUANT_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     exported = None
@@ -408,12 +412,6 @@ def quantize_checkpoint(
         raise
     print_fn(f"wrote {save} ({summary['enabled_quantizers']})")
     return QuantizeResult(save, fmt.name, calib.summary(), summary, exported, meta)
-
-
-def _run_start_dir(load: Path) -> Path | None:
-    from megatron_bar.model.expert_select import _run_start
-
-    return _run_start(load)
 
 
 def export_hf(load: Path, out: Path, fmt: QuantFormat, cfg: ModelConfig, calib: CalibrationSet,

@@ -183,7 +183,7 @@ def _global_loss(out) -> tuple[float, int]:
 
 def _expert_names(cfg: TrainConfig, model_cfg: ModelConfig) -> list[str]:
     """Expert names from the merged checkpoint's manifest, else anchor / expert<e>."""
-    from megatron_bar.bar.merge import MANIFEST_FILE, read_manifest
+    from megatron_bar.bar.manifest import MANIFEST_FILE, read_manifest
 
     if (Path(cfg.model.load) / MANIFEST_FILE).is_file():
         experts = sorted(read_manifest(Path(cfg.model.load))["experts"], key=lambda e: e["index"])
@@ -218,7 +218,7 @@ def _carried_manifest(cfg: TrainConfig, step: int) -> dict[str, str]:
     """A merged model's manifest (expert names, sources, history) goes on with it through
     training - the router stage above all - so that its checkpoints can be upgraded
     (``merge_experts.py --base``) and served by expert name."""
-    from megatron_bar.bar.merge import MANIFEST_FILE
+    from megatron_bar.bar.manifest import MANIFEST_FILE
 
     source = Path(cfg.model.load) / MANIFEST_FILE
     if not source.is_file():
