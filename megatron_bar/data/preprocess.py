@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import itertools
-import json
 import logging
 import math
 import multiprocessing as mp
