@@ -39,7 +39,7 @@ from megatron_bar.model.config import ModelConfig
 from megatron_bar.rl.grpo import drop_uniform_groups, group_advantages, policy_loss
 from megatron_bar.train import checkpoint as ckpt
 from megatron_bar.train.config import ConfigError, TrainConfig, config_to_dict
-from megatron_bar.train.engine import Microbatch, forward_backward
+from megatron_bar.train.engine import Microbatch, forward_backward, forward_logprobs, token_logprobs
 from megatron_bar.train.metrics import MetricsLogger, read_metrics
 from megatron_bar.train.preempt import Preemption
 from megatron_bar.train.trainer import setup_training
@@ -203,11 +203,6 @@ def to_microbatches(rollouts: list[Rollout], length: int, micro_batch_size: int,
         mb.rollout_logprobs = rollout_lp
         out.append(mb)
     return out
-
-
-def _token_logprobs(logits, labels, vocab_size, temperature):
-    logits = logits[..., :vocab_size].float() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -393,20 +388,18 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
 
     # The policy that generated: the trainer's own log-probs before the update.
     every = [mb for group in minibatches for mb in group]
-    old = forward_backward(ddp, every, vocab, forward_only=True, keep_logits=True, loss_fn=_zero_loss)
-    for mb, logits in zip(every, old.logits):
-        mb.old_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
+    # (vocab-parallel: from each rank's shard of the logits, never a full vocabulary row)
+    for mb, logprobs in zip(every, forward_logprobs(ddp, every, vocab, rl.temperature)):
+        mb.old_logprobs = logprobs
     if ref_model is not None:
-        ref = forward_backward(ref_model, every, vocab, forward_only=True, keep_logits=True,
-                               loss_fn=_zero_loss)
-        for mb, logits in zip(every, ref.logits):
-            mb.ref_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
+        for mb, logprobs in zip(every, forward_logprobs(ref_model, every, vocab, rl.temperature)):
+            mb.ref_logprobs = logprobs
 
     collected: list[dict] = []
 
     def loss_fn(logits, mb, out):
         device = logits.device
-        logprobs = _token_logprobs(logits, mb.labels.to(device), vocab, rl.temperature)
+        logprobs = token_logprobs(logits, mb.labels.to(device), vocab, rl.temperature)
         mask = mb.loss_mask.to(device)
         loss, m = policy_loss(
             logprobs, mb.old_logprobs.to(device), mb.advantages.to(device), mask,
@@ -444,11 +437,6 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
         avg["kl"] = sum(c["kl_mean"] * c["count"] for c in collected) / weight
     return {"loss": sum(losses) / len(losses), "grad_norm": max(grad_norms), "updates": len(minibatches),
             **avg}
-
-
-def _zero_loss(logits, mb, out):
-    zero = logits.sum() * 0.0
-    return zero, torch.tensor(1, dtype=torch.int), {}
 
 
 def plot_reward_curve(metrics_path: Path, out_png: Path) -> Path:

@@ -5,7 +5,12 @@ data-parallel reduction, the TP all-reduce of sequence-parallel norm gradients, 
 expert-parallel scaling); ``make_optimizer`` builds megatron's optimizer on it (Adam,
 gradient clipping, the distributed optimizer on GPU); ``forward_backward`` runs
 megatron's pipeline schedule over a list of microbatches and returns the losses and, on
-the last pipeline stage, the logits.
+the last pipeline stage, the logits when asked; ``forward_logprobs`` runs it forward only
+for the log-probs of the label tokens.
+
+The loss and the log-probs are computed from this rank's vocabulary shard of the logits
+by megatron's vocab-parallel cross entropy: no rank ever holds a full row of the
+vocabulary, and the shard is turned into the softmax (and then its gradient) in place.
 """
 
 from __future__ import annotations
@@ -14,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -26,6 +30,7 @@ from megatron.core.optimizer import (
     get_megatron_optimizer,
     get_standard_config_overrides,
 )
+from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -99,12 +104,42 @@ class Microbatch:
     attention_mask: torch.Tensor | None = None
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
-    """Per-token cross entropy over the true vocabulary (megatron's padded rows excluded)."""
-    logits = logits[..., :vocab_size].float()
-    return F.cross_entropy(logits.reshape(-1, vocab_size), labels.reshape(-1), reduction="none").view(
-        labels.shape
-    )
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set this rank's columns past the true vocabulary (megatron's padding rows) to -inf,
+    in place, so that the softmax is over the true vocabulary only."""
+    part = logits.size(-1)
+    start = parallel_state.get_tensor_model_parallel_rank() * part
+    valid = min(max(vocab_size - start, 0), part)
+    if valid < part:
+        logits[..., valid:].fill_(float("-inf"))
+    return logits
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross entropy [b, s] from this rank's vocabulary shard ``logits`` [b, s, v/tp].
+
+    megatron's vocab-parallel cross entropy: max, sum of exponentials and the label's
+    logit are reduced over the TP group, the softmax is accumulated in fp32 (a bf16 shard
+    is upcast once, as megatron does). It overwrites ``logits`` with the softmax, which it
+    keeps for the backward: callers that need the logits afterwards take a copy first.
+    bf16 logits go through megatron's fused variant (its gradient is cast to bf16, so it
+    applies to bf16 logits only).
+    """
+    logits = mask_padded_vocab(logits, vocab_size)
+    labels = labels.contiguous()
+    if logits.dtype == torch.bfloat16:
+        return fused_vocab_parallel_cross_entropy(
+            logits, labels, parallel_state.get_tensor_model_parallel_group())
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log p(label) [b, s] under softmax(logits / temperature), from the vocabulary shard
+    (differentiable; overwrites ``logits`` as :func:`token_cross_entropy` does)."""
+    if temperature != 1.0:
+        logits = logits.div_(temperature)
+    return -token_cross_entropy(logits, labels, vocab_size)
 
 
 @dataclass
@@ -127,6 +162,9 @@ def forward_backward(
 ) -> StepOutput:
     """Run megatron's schedule (no pipelining, or 1F1B when PP > 1) over ``microbatches``.
 
+    ``loss_fn(logits, mb, out)``, when given, replaces the cross entropy; ``logits`` is this
+    rank's vocabulary shard [b, s, v/tp] (see :func:`token_logprobs`).
+
     With ``config.calculate_per_token_loss`` (the trainer's setting) the loss is the mean
     over every loss token of the step on all data-parallel ranks, whatever the layout:
     each microbatch returns its loss sum and token count, and megatron divides the
@@ -148,10 +186,11 @@ def forward_backward(
         mask = mb.attention_mask.to(device) if mb.attention_mask is not None else None
         output = gpt(tokens, position_ids.to(device), mask)
 
-        def loss_func(output_tensor):
-            logits = gather_from_tensor_model_parallel_region(output_tensor)
-            if keep_logits:
-                out.logits.append(logits[..., :vocab_size].detach().clone())
+        def loss_func(logits):
+            if keep_logits:  # evaluation only: the full rows are gathered, off the training path
+                full = gather_from_tensor_model_parallel_region(logits.detach())
+                out.logits.append(full[..., :vocab_size].clone())
+                del full
             if loss_fn is not None:
                 return loss_fn(logits, mb, out)
             token_loss = token_cross_entropy(logits, mb.labels.to(device), vocab_size)
@@ -177,6 +216,21 @@ def forward_backward(
         forward_only=forward_only,
     )
     return out
+
+
+def forward_logprobs(model, microbatches: list[Microbatch], vocab_size: int,
+                     temperature: float = 1.0) -> list[torch.Tensor]:
+    """The label tokens' log-probs [b, s] of each microbatch, forward only (no gradient);
+    an empty list off the last pipeline stage."""
+    logprobs: list[torch.Tensor] = []
+
+    def collect(logits, mb, out):
+        logprobs.append(token_logprobs(logits, mb.labels.to(logits.device), vocab_size, temperature))
+        return logits.new_zeros(()), torch.tensor(1, dtype=torch.int), {}
+
+    with torch.no_grad():
+        forward_backward(model, microbatches, vocab_size, forward_only=True, loss_fn=collect)
+    return logprobs
 
 
 def is_last_stage() -> bool:
