@@ -71,3 +71,30 @@ class PeakMemory:
             self.peak = torch.cuda.max_memory_allocated()
         else:
             self.peak = _status_kb("VmHWM")
+
+
+def resident_bytes() -> int:
+    """What this rank's data holds now: the CUDA allocator's allocated bytes on GPU; on CPU
+    the anonymous resident memory (``RssAnon``: not the shared libraries' code pages, which
+    a first step pages in) after freed heap pages went back to the kernel."""
+    gc.collect()
+    if has_gpu():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    _release_free_heap()
+    return _status_kb("RssAnon")
+
+
+def adam_implementation() -> str:
+    """Which Adam megatron's optimizer runs here (megatron.core.optimizer imports Transformer
+    Engine's FusedAdam, else apex's, else torch's AdamW): ``fused``, or torch's ``foreach``
+    (its default on CUDA tensors) or ``single_tensor`` (its default on CPU tensors)."""
+    if has_gpu():
+        for module in ("transformer_engine.pytorch.optimizers", "apex.optimizers"):
+            try:
+                __import__(module)
+                return "fused"
+            except ImportError:
+                pass
+        return "foreach"
+    return "single_tensor"
