@@ -29,7 +29,7 @@ bf16 FLOP/s (``--peak-tflops``, else known from the device name), with FLOPs per
 6 x the parameters in matmuls (every parameter but the input embedding; for the MoE the
 top-k experts' share) + 12 x layers x hidden x sequence (attention scores and values, the
 full square as PaLM counts it). ``--profile N`` profiles N more steps of ours with
-torch.profiler and prints its table (CUDA time first on a GPU).
+torch.profiler, then N of the reference, and prints both tables (CUDA time first on a GPU).
 
 Causal attention without a document mask on both. Each side first runs ``--warmup`` steps,
 then ``--steps`` timed steps in ``--rounds`` alternating blocks (ours first in even rounds,
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="parameters and compute of both sides (bf16: the GPU's)")
     p.add_argument("--profile", type=int, default=0,
-                   help="after timing, profile this many steps of ours and print torch.profiler's table")
+                   help="after timing, profile this many steps of each side and print torch.profiler's tables")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak dense bf16 TFLOP/s for MFU (default: from the GPU's name)")
     p.add_argument("--ffn", type=int, default=None, help="FFN width (default 4 x hidden)")
@@ -461,8 +461,9 @@ def main(argv=None) -> int:
         "mfu": {k: round(v, 4) for k, v in mfu.items()},
     }
     if args.profile:
-        print(f"\ntorch.profiler, {args.profile} steps of ours:")
-        print(profile_steps(ours, batches, args.profile))
+        for side in sides:
+            print(f"\ntorch.profiler, {args.profile} steps of {side.name}:")
+            print(profile_steps(side, batches, args.profile))
     platform.shutdown()
     sys.stdout.flush()
     print(json.dumps(result), flush=True)

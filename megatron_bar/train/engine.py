@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -30,12 +30,12 @@ from megatron.core.optimizer import (
     get_megatron_optimizer,
     get_standard_config_overrides,
 )
-from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_bar import platform
+from megatron_bar.model.loss import token_cross_entropy, token_logprobs  # noqa: F401 (re-exported)
 
 
 def wrap_ddp(model, use_distributed_optimizer: bool | None = None) -> DistributedDataParallel:
@@ -104,44 +104,6 @@ class Microbatch:
     attention_mask: torch.Tensor | None = None
 
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set this rank's columns past the true vocabulary (megatron's padding rows) to -inf,
-    in place, so that the softmax is over the true vocabulary only."""
-    part = logits.size(-1)
-    start = parallel_state.get_tensor_model_parallel_rank() * part
-    valid = min(max(vocab_size - start, 0), part)
-    if valid < part:
-        logits[..., valid:].fill_(float("-inf"))
-    return logits
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token cross entropy [b, s] from this rank's vocabulary shard ``logits`` [b, s, v/tp].
-
-    megatron's vocab-parallel cross entropy: max, sum of exponentials and the label's
-    logit are reduced over the TP group, the softmax is accumulated in fp32 (a bf16 shard
-    is upcast once, as megatron does). It overwrites ``logits`` with the softmax, which it
-    keeps for the backward: callers that need the logits afterwards take a copy first.
-    bf16 logits go through megatron's fused variant (its gradient is cast to bf16, so it
-    applies to bf16 logits only).
-    """
-    logits = mask_padded_vocab(logits, vocab_size)
-    labels = labels.contiguous()
-    if logits.dtype == torch.bfloat16:
-        return fused_vocab_parallel_cross_entropy(
-            logits, labels, parallel_state.get_tensor_model_parallel_group())
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """log p(label) [b, s] under softmax(logits / temperature), from the vocabulary shard
-    (differentiable; overwrites ``logits`` as :func:`token_cross_entropy` does)."""
-    if temperature != 1.0:
-        logits = logits.div_(temperature)
-    return -token_cross_entropy(logits, labels, vocab_size)
-
-
 @dataclass
 class StepOutput:
     """What the last pipeline stage saw. With per-token loss (``calculate_per_token_loss``)
@@ -184,16 +146,24 @@ def forward_backward(
         if position_ids is None:
             position_ids = torch.arange(tokens.size(1), device=device).expand_as(tokens)
         mask = mb.attention_mask.to(device) if mb.attention_mask is not None else None
-        output = gpt(tokens, position_ids.to(device), mask)
+        labels = mb.labels.to(device)
+        # The training loss: the model computes it from its logits shard ([s, b, v/tp], no
+        # [b, s] copy). Logits are returned only where asked for (evaluation, custom losses).
+        wants_logits = keep_logits or loss_fn is not None
+        output = gpt(tokens, position_ids.to(device), mask, labels=None if wants_logits else labels)
 
-        def loss_func(logits):
-            if keep_logits:  # evaluation only: the full rows are gathered, off the training path
-                full = gather_from_tensor_model_parallel_region(logits.detach())
-                out.logits.append(full[..., :vocab_size].clone())
-                del full
-            if loss_fn is not None:
-                return loss_fn(logits, mb, out)
-            token_loss = token_cross_entropy(logits, mb.labels.to(device), vocab_size)
+        def loss_func(output_tensor):
+            if not wants_logits:
+                token_loss = output_tensor
+            else:
+                logits = output_tensor
+                if keep_logits:  # evaluation only: the full rows are gathered, off the training path
+                    full = gather_from_tensor_model_parallel_region(logits.detach())
+                    out.logits.append(full[..., :vocab_size].clone())
+                    del full
+                if loss_fn is not None:
+                    return loss_fn(logits, mb, out)
+                token_loss = token_cross_entropy(logits, labels, vocab_size)
             lm = mb.loss_mask.to(device).float()
             loss_sum, count = (token_loss * lm).sum(), lm.sum()
             if per_token:

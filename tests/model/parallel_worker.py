@@ -49,9 +49,13 @@ def forward_backward_of(ckpt: Path):
     model = build_model(cfg)
     load_weights(model, cfg, ckpt)
     ddp = wrap_ddp(model)
+    # the logits as evaluation reads them (gathered), then the training step's path (the
+    # loss computed by the model from its vocabulary shard) for the losses and gradients
+    kept = forward_backward(ddp, microbatches_for_this_rank(), cfg.vocab_size, forward_only=True,
+                            keep_logits=True)
+    logits = torch.cat(kept.logits) if kept.logits else None
     ddp.zero_grad_buffer()
-    result = forward_backward(ddp, microbatches_for_this_rank(), cfg.vocab_size, keep_logits=True)
-    logits = torch.cat(result.logits) if result.logits else None
+    result = forward_backward(ddp, microbatches_for_this_rank(), cfg.vocab_size)
     losses = torch.stack(result.losses) if result.losses else None
     return logits, model, cfg, losses
 

@@ -58,3 +58,31 @@ def test_bf16_goes_through_the_fused_variant_with_fp32_accumulation():
     assert x.grad.dtype == torch.bfloat16
     assert (x.grad[..., :VOCAB].float() - ref_grad).abs().max().item() <= 2 ** -7
     assert x.grad[..., VOCAB:].abs().max().item() == 0
+
+
+def test_training_step_loss_is_transformers_loss(mcore_dense_dir, hf_dense_dir):
+    """The training path (the model computes the loss from its logits shard, labels passed
+    in) gives transformers' cross entropy of the same model over the true vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import batch
+    from megatron_bar.model.builder import build_model
+    from megatron_bar.model.checkpoint import load_weights
+    from megatron_bar.model.config import ModelConfig
+    from megatron_bar.train.engine import Microbatch, forward_backward, wrap_ddp
+
+    platform.initialize()
+    cfg = ModelConfig.load(mcore_dense_dir)
+    assert cfg.padded_vocab_size > cfg.vocab_size  # the padding columns are there to mask
+    model = build_model(cfg, calculate_per_token_loss=True)  # the trainer's setting
+    load_weights(model, cfg, mcore_dense_dir)
+    ddp = wrap_ddp(model)
+    tokens, labels = batch(4, 16, seed=5)
+    mbs = [Microbatch(tokens[i:i + 2], labels[i:i + 2], torch.ones(2, 16)) for i in (0, 2)]
+    out = forward_backward(ddp, mbs, cfg.vocab_size)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dense_dir).eval()
+    with torch.no_grad():
+        for mb, loss_sum, count in zip(mbs, out.losses, out.tokens):
+            logits = hf(mb.tokens).logits.float()
+            expected = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), mb.labels.reshape(-1))
+            assert abs((loss_sum / count).item() - expected.item()) < 1e-5
