@@ -33,7 +33,7 @@ import sys
 import warnings
 from pathlib import Path
 
-GIB = 2**30
+MIB = 2**20
 ROWS = ("params", "grads", "optimizer", "fp8_copies", "attention_workspace", "state",
         "activations", "recomputed_layer", "logits", "lm_head_backward", "attention_backward",
         "optimizer_transient", "step_peak", "peak")
@@ -54,8 +54,14 @@ def load(args):
     from megatron_bar.model.config import ConfigError, ModelConfig
     from megatron_bar.train.config import load_config
 
+    import yaml
+
+    # an RLVR config (train.stage rlvr, with its rl: section) is read as the RLVR trainer reads it
+    cls = None
+    if "rl" in (yaml.safe_load(Path(args.config).read_text()) or {}) if Path(args.config).is_file() else False:
+        from megatron_bar.rl.trainer import RLTrainConfig as cls
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, cls=cls)
         model_cfg = ModelConfig.load(cfg.model.load)
     except ConfigError as e:
         sys.exit(f"error: {e}")
@@ -79,12 +85,12 @@ def shape_for(cfg, model_cfg, *, dp, param_bytes, flash, adam, distributed_optim
 
 def print_table(columns: list[tuple[str, dict]]) -> None:
     width = max(14, *(len(name) for name, _ in columns))
-    print(f"{'GiB':<20}" + "".join(f"{name:>{width}}" for name, _ in columns))
+    print(f"{'MiB':<20}" + "".join(f"{name:>{width}}" for name, _ in columns))
     for row in ROWS:
         cells = []
         for _, values in columns:
             v = values.get(row)
-            cells.append(f"{v / GIB:>{width}.3f}" if v is not None else f"{'':>{width}}")
+            cells.append(f"{v / MIB:>{width}.1f}" if v is not None else f"{'':>{width}}")
         print(f"{row:<20}" + "".join(cells))
 
 
@@ -180,8 +186,8 @@ def measure(args, cfg, model_cfg) -> None:
         print_table(columns)
         for r in rows:
             e, m = r["estimate"], r["measured"]
-            print(f"rank {r['rank']}: parameters built {r['params_built'] / GIB:.3f} GiB (estimate "
-                  f"{e['params'] / GIB:.3f}); estimate / measured: state {e['state'] / max(m['state'], 1):.2f}, "
+            print(f"rank {r['rank']}: parameters built {r['params_built'] / MIB:.1f} MiB (estimate "
+                  f"{e['params'] / MIB:.1f}); estimate / measured: state {e['state'] / max(m['state'], 1):.2f}, "
                   f"step peak {e['step_peak'] / max(m['step_peak'], 1):.2f}, peak {e['peak'] / max(m['peak'], 1):.2f}")
         print(json.dumps(rows))
     platform.shutdown()

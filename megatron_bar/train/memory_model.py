@@ -203,12 +203,13 @@ def estimate(cfg: ModelConfig, shape: StepShape) -> MemoryEstimate:
     vp = cfg.padded_vocab_size // shape.tp
     logits = 0
     if last:
-        logits = t * vp * act + (t * vp * 4 if act < 4 else 0)  # bf16 shard + its fp32 softmax
-        if shape.micro_batch_size > 1:
-            logits += t * vp * act  # GPTModel's [s, b] -> [b, s] copy, alive with the shard briefly
+        # the shard, and for bf16 the fp32 softmax built from it (the model computes the loss
+        # on its [s, b, v/tp] logits: no [b, s] copy on the training path)
+        logits = t * vp * act + (t * vp * 4 if act < 4 else 0)
     # the LM head's weight gradient (before it is added to the buffer) with its input's
     # gradient; a layer's attention score gradients (two s x s tensors per head)
-    head_grad = (vp * cfg.hidden_size * 4 + t * cfg.hidden_size * act) if last else 0
+    head_trains = "lm_head" in FREEZE_POLICIES[shape.stage].trainable
+    head_grad = ((vp * cfg.hidden_size * 4 if head_trains else 0) + t * cfg.hidden_size * act) if last else 0
     scores_grad = 0 if shape.flash_attention else 2 * shape.micro_batch_size * heads * shape.seq_length ** 2 * act
     if shape.adam == "fused":
         optimizer_transient = 0
