@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py                  # dense Olmo 2
     python bench/train_throughput.py --moe            # 2-expert BAR MoE against FlexOlmo
+    python bench/train_throughput.py --preset olmo2-1b --dtype bf16 [--moe] --profile 3   # GPU
 
 Both sides train the same model from the same initial weights on the same batches, in one
 process, with the same torch thread count:
@@ -17,6 +18,18 @@ process, with the same torch thread count:
   HF config writer, loaded with ``from_pretrained``; SDPA attention),
   ``torch.optim.AdamW`` with the same lr / betas / eps / weight decay, and
   ``clip_grad_norm_(1.0)``: the loop anyone would write.
+
+``--dtype bf16`` (the GPU's precision) builds ours with bf16 parameters (megatron's
+optimizer keeps fp32 master weights; the vocab-parallel cross entropy runs megatron's fused
+variant) and the reference in bf16 with SDPA and ``AdamW(fused=True)`` (on CUDA), plain
+bf16 parameters, as a transformers user trains. ``--preset olmo2-1b`` takes
+OLMo-2-0425-1B's shapes (hidden 2048, 16 layers, 16 heads, FFN 8192, vocabulary 100352)
+at sequence 4096. On a GPU the table adds MFU: tokens/s x FLOPs per token / the GPU's peak
+bf16 FLOP/s (``--peak-tflops``, else known from the device name), with FLOPs per token =
+6 x the parameters in matmuls (every parameter but the input embedding; for the MoE the
+top-k experts' share) + 12 x layers x hidden x sequence (attention scores and values, the
+full square as PaLM counts it). ``--profile N`` profiles N more steps of ours with
+torch.profiler, then N of the reference, and prints both tables (CUDA time first on a GPU).
 
 Causal attention without a document mask on both. Each side first runs ``--warmup`` steps,
 then ``--steps`` timed steps in ``--rounds`` alternating blocks (ours first in even rounds,
@@ -47,6 +60,16 @@ import time
 import warnings
 
 
+# OLMo-2-0425-1B (allenai/OLMo-2-0425-1B config.json), at the recipe's sequence length
+PRESETS = {
+    "olmo2-1b": dict(vocab=100352, hidden=2048, ffn=8192, layers=16, heads=16, kv_heads=16,
+                     seq=4096, batch=2),
+}
+
+# Peak dense bf16 FLOP/s (no sparsity) by GPU name, from the vendors' data sheets
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -58,6 +81,14 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model shapes and sequence of a known model (overrides the shape flags)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="parameters and compute of both sides (bf16: the GPU's)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after timing, profile this many steps of each side and print torch.profiler's tables")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak dense bf16 TFLOP/s for MFU (default: from the GPU's name)")
     p.add_argument("--ffn", type=int, default=None, help="FFN width (default 4 x hidden)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -70,9 +101,20 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: torch's default)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--loss-tol", type=float, default=1e-3,
-                   help="largest first-step loss difference accepted (exit 1 beyond it)")
+    p.add_argument("--loss-tol", type=float, default=None,
+                   help="largest first-step loss difference accepted (exit 1 beyond it; "
+                        "default 1e-3 in fp32, 5e-2 in bf16)")
     args = p.parse_args(argv)
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+    if args.dtype == "bf16":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--dtype bf16 needs a GPU (megatron's bf16 optimizer takes CUDA tensors only)")
+    if args.loss_tol is None:
+        args.loss_tol = 1e-3 if args.dtype == "fp32" else 5e-2
     args.ffn = args.ffn or 4 * args.hidden
     if args.steps < 1 or args.rounds < 0 or args.warmup < 0:
         p.error("--steps must be >= 1, --rounds and --warmup >= 0")
@@ -184,8 +226,9 @@ class Ours:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.cfg = cfg
-        # fp32 on every device: the same precision as the reference (bf16 is the GPU default)
-        self.model = build_model(cfg, params_dtype=torch.float32, calculate_per_token_loss=True)
+        # the reference's precision: fp32 by default on every device, bf16 with --dtype bf16
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        self.model = build_model(cfg, params_dtype=dtype, calculate_per_token_loss=True)
         self.ddp = wrap_ddp(self.model)
         self.optimizer = make_optimizer(
             self.ddp, lr=args.lr, min_lr=args.lr, weight_decay=0.0, clip_grad=1.0,
@@ -225,10 +268,13 @@ class Reference:
         from megatron_bar import platform
 
         self.device = platform.device()  # ours runs there too (megatron_bar.platform)
-        self.model = model.to(self.device)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        self.model = model.to(self.device, dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # fused AdamW where torch has it for the device (CUDA); its default elsewhere
+        fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                                           weight_decay=0.0)
+                                           weight_decay=0.0, **fused)
         self.vocab = model.config.vocab_size
 
     def step(self, tokens, labels) -> float:
@@ -246,6 +292,50 @@ class Reference:
 
 
 # -- the bench ------------------------------------------------------------------------------
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """Training FLOPs per token: 6 x the parameters a token goes through in matmuls (the
+    LM head, not the input embedding; the MoE's top-k experts) + 12 x layers x attention
+    width x sequence (PaLM's count of the attention scores and values)."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    hq, hk = cfg.num_attention_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = h * (hq + 2 * hk) + hq * h + 3 * h * f * (cfg.moe_topk if cfg.is_moe else 1)
+    if cfg.is_moe:
+        per_layer += cfg.num_experts * h
+    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * h
+    return 6.0 * matmul_params + 12.0 * cfg.num_layers * hq * seq
+
+
+def peak_flops(args):
+    """The device's peak dense bf16 FLOP/s, or None (CPU, or a GPU not in the table)."""
+    import torch
+
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def profile_steps(side, batches, n: int) -> str:
+    """torch.profiler's table over ``n`` steps of ``side`` (CUDA time first on a GPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(n):
+            tokens, labels = batches[i % len(batches)]
+            side.step(tokens, labels)
+    sort = "cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30)
+
 
 
 def _minor_faults() -> int:
@@ -289,7 +379,7 @@ def main(argv=None) -> int:
           f"{cfg.num_kv_heads} kv, {n_params / 1e6:.2f} M params (HF count)")
     print(f"batch {args.batch} x seq {args.seq} = {tokens_per_step} tokens/step; "
           f"{args.warmup} warmup + {args.steps} timed steps per side in {args.rounds} "
-          f"alternating blocks; torch threads {threads}; fp32; torch {torch.__version__}; "
+          f"alternating blocks; torch threads {threads}; {args.dtype}; torch {torch.__version__}; "
           f"device {platform.device()}")
 
     sides = (ours, reference)
@@ -337,6 +427,12 @@ def main(argv=None) -> int:
         print(f"{label:<14} {s['tokens_per_s']:>10.1f} {s['median_s']:>14.4f} "
               f"{s['min_s']:>8.4f} {s['max_s']:>8.4f} {s['tokens_per_cpu_s']:>13.1f} "
               f"{s['faults']:>17.0f}")
+    fpt, peak = flops_per_token(cfg, args.seq), peak_flops(args)
+    mfu = {}
+    if peak:
+        mfu = {label: s["tokens_per_s"] * fpt / peak for label, s in (("ours", so), ("transformers", sr))}
+        print(f"MFU ({fpt / 1e9:.2f} GFLOP/token, peak {peak / 1e12:.0f} TFLOP/s): "
+              f"ours {mfu['ours']:.3f}, transformers {mfu['transformers']:.3f}")
     print(f"ratio (ours / transformers): {ratio:.3f}   by median step: {median_ratio:.3f}   "
           f"by fastest step: {min_ratio:.3f}   by CPU time: {cpu_ratio:.3f}")
     print(f"first-step loss: ours {a[0]:.6f}, transformers {b[0]:.6f}, |diff| {first_diff:.2e}; "
@@ -359,7 +455,15 @@ def main(argv=None) -> int:
         "device": str(platform.device()),
         "page_faults_per_step": {"ours": so["faults"], "reference": sr["faults"]},
         "first_step_loss_diff": first_diff,
+        "dtype": args.dtype,
+        "seq": args.seq,
+        "flops_per_token": fpt,
+        "mfu": {k: round(v, 4) for k, v in mfu.items()},
     }
+    if args.profile:
+        for side in sides:
+            print(f"\ntorch.profiler, {args.profile} steps of {side.name}:")
+            print(profile_steps(side, batches, args.profile))
     platform.shutdown()
     sys.stdout.flush()
     print(json.dumps(result), flush=True)

@@ -8,6 +8,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_bar import platform
 from megatron_bar.model.config import ModelConfig, to_transformer_config
+from megatron_bar.model.loss import token_cross_entropy
 from megatron_bar.model.spec import backend_for, olmo2_block_spec
 
 
@@ -71,8 +72,26 @@ def build_model(
     return _gpt_model(cfg, config, backend).to(device)
 
 
+class BarGPTModel(GPTModel):
+    """megatron's GPTModel whose loss (``forward(..., labels=...)``) is over the true
+    vocabulary: megatron's vocab-parallel cross entropy after the padding columns are
+    masked (:mod:`megatron_bar.model.loss`). Given labels, the loss is computed on the
+    logits as the output layer makes them, [s, b, v/tp], without the [b, s] copy that
+    returning logits costs."""
+
+    def __init__(self, *args, true_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.true_vocab_size = true_vocab_size
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [b, s] of labels [b, s] under this rank's logits [s, b, v/tp]."""
+        loss = token_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.true_vocab_size)
+        return loss.transpose(0, 1).contiguous()
+
+
 def _gpt_model(cfg: ModelConfig, config, backend) -> GPTModel:
-    return GPTModel(
+    return BarGPTModel(
+        true_vocab_size=cfg.vocab_size,
         config=config,
         transformer_layer_spec=olmo2_block_spec(config, backend),
         vocab_size=cfg.padded_vocab_size,

@@ -51,7 +51,7 @@ from megatron_bar.rl.grpo import (
 from megatron_bar.rl.routing import RoutingReplay, stack_routing
 from megatron_bar.train import checkpoint as ckpt
 from megatron_bar.train.config import ConfigError, TrainConfig, config_to_dict
-from megatron_bar.train.engine import Microbatch, forward_backward
+from megatron_bar.train.engine import Microbatch, forward_backward, forward_logprobs, token_logprobs
 from megatron_bar.train.metrics import MetricsLogger, read_metrics
 from megatron_bar.train.preempt import Preemption
 from megatron_bar.train.trainer import setup_training
@@ -399,11 +399,6 @@ def _eval_names(datasets: list[RLDatasetConfig]) -> list[str]:
     return names
 
 
-def _token_logprobs(logits, labels, vocab_size, temperature):
-    logits = logits[..., :vocab_size].float() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
 # -- the loop -----------------------------------------------------------------------------
 
 
@@ -590,22 +585,20 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
 
     # The policy that generated: the trainer's own log-probs before the update.
     every = [mb for group in minibatches for mb in group]
-    old = forward_backward(ddp, every, vocab, forward_only=True, keep_logits=True, loss_fn=_zero_loss,
-                           before_forward=before_forward)
-    for mb, logits in zip(every, old.logits):
-        mb.old_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
+    # (vocab-parallel: from each rank's shard of the logits, never a full vocabulary row)
+    for mb, logprobs in zip(every, forward_logprobs(ddp, every, vocab, rl.temperature,
+                                                    before_forward=before_forward)):
+        mb.old_logprobs = logprobs
     gap = _rollout_gap(every)
     if ref_model is not None:
-        ref = forward_backward(ref_model, every, vocab, forward_only=True, keep_logits=True,
-                               loss_fn=_zero_loss)
-        for mb, logits in zip(every, ref.logits):
-            mb.ref_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
+        for mb, logprobs in zip(every, forward_logprobs(ref_model, every, vocab, rl.temperature)):
+            mb.ref_logprobs = logprobs
 
     collected: list[dict] = []
 
     def loss_fn(logits, mb, out):
         device = logits.device
-        logprobs = _token_logprobs(logits, mb.labels.to(device), vocab, rl.temperature)
+        logprobs = token_logprobs(logits, mb.labels.to(device), vocab, rl.temperature)
         mask = mb.loss_mask.to(device)
         loss, m = policy_loss(
             logprobs, mb.old_logprobs.to(device), mb.advantages.to(device), mask,
@@ -676,11 +669,6 @@ def from_last_stage(values: dict) -> dict:
     dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                group=parallel_state.get_pipeline_model_parallel_group())
     return box[0]
-
-
-def _zero_loss(logits, mb, out):
-    zero = logits.sum() * 0.0
-    return zero, torch.tensor(1, dtype=torch.int), {}
 
 
 def plot_reward_curve(metrics_path: Path, out_png: Path) -> Path:

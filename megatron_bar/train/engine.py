@@ -5,7 +5,12 @@ data-parallel reduction, the TP all-reduce of sequence-parallel norm gradients, 
 expert-parallel scaling); ``make_optimizer`` builds megatron's optimizer on it (Adam,
 gradient clipping, the distributed optimizer on GPU); ``forward_backward`` runs
 megatron's pipeline schedule over a list of microbatches and returns the losses and, on
-the last pipeline stage, the logits.
+the last pipeline stage, the logits when asked; ``forward_logprobs`` runs it forward only
+for the log-probs of the label tokens.
+
+The loss and the log-probs are computed from this rank's vocabulary shard of the logits
+by megatron's vocab-parallel cross entropy: no rank ever holds a full row of the
+vocabulary, and the shard is turned into the softmax (and then its gradient) in place.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -31,6 +35,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_bar import platform
+from megatron_bar.model.loss import token_cross_entropy, token_logprobs  # noqa: F401 (re-exported)
 
 
 def wrap_ddp(model, use_distributed_optimizer: bool | None = None) -> DistributedDataParallel:
@@ -99,14 +104,6 @@ class Microbatch:
     attention_mask: torch.Tensor | None = None
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
-    """Per-token cross entropy over the true vocabulary (megatron's padded rows excluded)."""
-    logits = logits[..., :vocab_size].float()
-    return F.cross_entropy(logits.reshape(-1, vocab_size), labels.reshape(-1), reduction="none").view(
-        labels.shape
-    )
-
-
 @dataclass
 class StepOutput:
     """What the last pipeline stage saw. With per-token loss (``calculate_per_token_loss``)
@@ -127,6 +124,9 @@ def forward_backward(
     before_forward: Callable[[Microbatch], None] | None = None,
 ) -> StepOutput:
     """Run megatron's schedule (no pipelining, or 1F1B when PP > 1) over ``microbatches``.
+
+    ``loss_fn(logits, mb, out)``, when given, replaces the cross entropy; ``logits`` is this
+    rank's vocabulary shard [b, s, v/tp] (see :func:`token_logprobs`).
 
     With ``config.calculate_per_token_loss`` (the trainer's setting) the loss is the mean
     over every loss token of the step on all data-parallel ranks, whatever the layout:
@@ -152,15 +152,24 @@ def forward_backward(
         if position_ids is None:
             position_ids = torch.arange(tokens.size(1), device=device).expand_as(tokens)
         mask = mb.attention_mask.to(device) if mb.attention_mask is not None else None
-        output = gpt(tokens, position_ids.to(device), mask)
+        labels = mb.labels.to(device)
+        # The training loss: the model computes it from its logits shard ([s, b, v/tp], no
+        # [b, s] copy). Logits are returned only where asked for (evaluation, custom losses).
+        wants_logits = keep_logits or loss_fn is not None
+        output = gpt(tokens, position_ids.to(device), mask, labels=None if wants_logits else labels)
 
         def loss_func(output_tensor):
-            logits = gather_from_tensor_model_parallel_region(output_tensor)
-            if keep_logits:
-                out.logits.append(logits[..., :vocab_size].detach().clone())
-            if loss_fn is not None:
-                return loss_fn(logits, mb, out)
-            token_loss = token_cross_entropy(logits, mb.labels.to(device), vocab_size)
+            if not wants_logits:
+                token_loss = output_tensor
+            else:
+                logits = output_tensor
+                if keep_logits:  # evaluation only: the full rows are gathered, off the training path
+                    full = gather_from_tensor_model_parallel_region(logits.detach())
+                    out.logits.append(full[..., :vocab_size].clone())
+                    del full
+                if loss_fn is not None:
+                    return loss_fn(logits, mb, out)
+                token_loss = token_cross_entropy(logits, labels, vocab_size)
             lm = mb.loss_mask.to(device).float()
             loss_sum, count = (token_loss * lm).sum(), lm.sum()
             if per_token:
@@ -183,6 +192,23 @@ def forward_backward(
         forward_only=forward_only,
     )
     return out
+
+
+def forward_logprobs(model, microbatches: list[Microbatch], vocab_size: int,
+                     temperature: float = 1.0,
+                     before_forward: Callable[[Microbatch], None] | None = None) -> list[torch.Tensor]:
+    """The label tokens' log-probs [b, s] of each microbatch, forward only (no gradient);
+    an empty list off the last pipeline stage. ``before_forward`` as in :func:`forward_backward`."""
+    logprobs: list[torch.Tensor] = []
+
+    def collect(logits, mb, out):
+        logprobs.append(token_logprobs(logits, mb.labels.to(logits.device), vocab_size, temperature))
+        return logits.new_zeros(()), torch.tensor(1, dtype=torch.int), {}
+
+    with torch.no_grad():
+        forward_backward(model, microbatches, vocab_size, forward_only=True, loss_fn=collect,
+                         before_forward=before_forward)
+    return logprobs
 
 
 def is_last_stage() -> bool:

@@ -630,7 +630,7 @@ def test_merged_checkpoint_loads_at_ep2(merged, tmp_path):
     import parallel_worker  # tests/model's worker: load at a layout, forward, backward
 
     platform.initialize()
-    ref_logits, _, _ = parallel_worker.forward_backward_of(merged)
+    ref_logits, _, _, _ = parallel_worker.forward_backward_of(merged)
     torchrun(2, Path(parallel_worker.__file__), str(merged), str(tmp_path), "1", "1", "2")
     logits = torch.cat([torch.load(p) for p in sorted(tmp_path.glob("logits_dp*.pt"))])
     assert (logits - ref_logits).abs().max().item() <= 1e-5

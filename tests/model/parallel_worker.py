@@ -3,6 +3,7 @@
 Loads CKPT at the layout, runs forward and backward of a fixed global batch through
 megatron's DDP and schedule (each data-parallel rank takes its slice), and writes
   OUT/logits_dp{r}.pt  the logits of data-parallel rank r (its slice of the batch)
+  OUT/losses_dp{r}.pt  its microbatches' losses (vocab-parallel cross entropy)
   OUT/hf_state.pt      the weights as the RLVR weight sync gathers them (HF layout, rank 0)
   OUT/grads/           the gradients, as a checkpoint of the same model (megatron's
                        dist checkpoint undoes the sharding, so the test reads them at TP=1)
@@ -42,23 +43,30 @@ def microbatches_for_this_rank():
 
 
 def forward_backward_of(ckpt: Path):
-    """(logits of this rank's slice or None, model whose params' main_grad hold the grads)."""
+    """(logits of this rank's slice or None, model whose params' main_grad hold the grads,
+    config, the microbatches' losses or None)."""
     cfg = ModelConfig.load(ckpt)
     model = build_model(cfg)
     load_weights(model, cfg, ckpt)
     ddp = wrap_ddp(model)
+    # the logits as evaluation reads them (gathered), then the training step's path (the
+    # loss computed by the model from its vocabulary shard) for the losses and gradients
+    kept = forward_backward(ddp, microbatches_for_this_rank(), cfg.vocab_size, forward_only=True,
+                            keep_logits=True)
+    logits = torch.cat(kept.logits) if kept.logits else None
     ddp.zero_grad_buffer()
-    result = forward_backward(ddp, microbatches_for_this_rank(), cfg.vocab_size, keep_logits=True)
-    logits = torch.cat(result.logits) if result.logits else None
-    return logits, model, cfg
+    result = forward_backward(ddp, microbatches_for_this_rank(), cfg.vocab_size)
+    losses = torch.stack(result.losses) if result.losses else None
+    return logits, model, cfg, losses
 
 
 def main():
     ckpt, out, tp, pp, ep = Path(sys.argv[1]), Path(sys.argv[2]), *map(int, sys.argv[3:6])
     platform.initialize(platform.ParallelLayout(tp=tp, pp=pp, ep=ep))
-    logits, model, cfg = forward_backward_of(ckpt)
+    logits, model, cfg, losses = forward_backward_of(ckpt)
     if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
         torch.save(logits, out / f"logits_dp{parallel_state.get_data_parallel_rank()}.pt")
+        torch.save(losses, out / f"losses_dp{parallel_state.get_data_parallel_rank()}.pt")
 
     # The weight sync of RLVR: every shard gathered into the HF layout on rank 0.
     hf_state = gather_hf_state_dict(model, cfg)

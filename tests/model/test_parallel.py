@@ -24,9 +24,9 @@ TOL = 1e-5
 
 def reference(ckpt):
     platform.initialize()
-    logits, model, _ = parallel_worker.forward_backward_of(ckpt)
+    logits, model, _, losses = parallel_worker.forward_backward_of(ckpt)
     grads = {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
-    return logits, grads
+    return logits, grads, losses
 
 
 def read_grads(grads_dir):
@@ -51,12 +51,17 @@ def read_grads(grads_dir):
 def test_layout_matches_single_process(moe, tp, pp, ep, mcore_dense_dir, mcore_moe_dir, hf_dense_dir,
                                       hf_moe_dir, tmp_path):
     ckpt = mcore_moe_dir if moe else mcore_dense_dir
-    ref_logits, ref_grads = reference(ckpt)
+    ref_logits, ref_grads, ref_losses = reference(ckpt)
     torchrun(2, WORKER, str(ckpt), str(tmp_path), str(tp), str(pp), str(ep))
 
     logits = torch.cat([torch.load(p) for p in sorted(tmp_path.glob("logits_dp*.pt"))])
     assert logits.shape == ref_logits.shape
     assert (logits - ref_logits).abs().max().item() <= TOL
+    # the vocab-parallel loss of each microbatch (DP ranks each hold their own microbatches)
+    losses = torch.cat([torch.load(p) for p in sorted(tmp_path.glob("losses_dp*.pt"))])
+    if pp == 1 and ep == 1:  # same microbatching as the reference
+        assert losses.shape == ref_losses.shape
+        assert (losses - ref_losses).abs().max().item() <= TOL
 
     grads = read_grads(tmp_path / "grads")
     assert set(grads) == set(ref_grads)
