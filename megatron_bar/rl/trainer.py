@@ -37,6 +37,7 @@ from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_same_architecture, load_weights
 from megatron_bar.model.config import ModelConfig
 from megatron_bar.rl.grpo import drop_uniform_groups, group_advantages, policy_loss
+from megatron_bar.rl.sandbox import SandboxConfig
 from megatron_bar.train import checkpoint as ckpt
 from megatron_bar.train.config import ConfigError, TrainConfig, config_to_dict
 from megatron_bar.train.engine import Microbatch, forward_backward
@@ -74,6 +75,8 @@ class RLConfig:
     threads_per_worker: int = 1
     ray_address: str | None = None
     timeout_s: float = 600.0
+    reward_workers: int = 2  # processes scoring rollouts (code rewards' programs run side by side)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass
@@ -87,6 +90,8 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError("rl.datasets is empty")
         if self.rl.samples_per_prompt < 2:
             raise ConfigError("rl.samples_per_prompt must be at least 2 (GRPO compares a group)")
+        if self.rl.reward_workers < 0:
+            raise ConfigError(f"rl.reward_workers must be >= 0, got {self.rl.reward_workers}")
         if self.rl.minibatches < 1:
             raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
         if self.rl.loss_agg not in ("token-mean", "seq-mean-token-mean"):
@@ -166,17 +171,21 @@ class Rollout:
     advantage: float = 0.0
 
 
-def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns) -> tuple[list[Rollout], int]:
-    from megatron_bar.rl.rewards import safe_reward
+def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns,
+          pool=None) -> tuple[list[Rollout], int]:
+    """Rewards of the rollouts, in ``pool`` (a :class:`~megatron_bar.rl.rewards.RewardPool`;
+    None: in this process), and how many raised."""
+    from megatron_bar.rl.rewards import RewardPool
 
-    rollouts, errors = [], 0
+    jobs = []
     for r in rollouts_raw:
         p = prompts[r["prompt_index"]]
         text = tokenizer.decode([t for t in r["tokens"] if t != tokenizer.eos_id], skip_special_tokens=False)
-        value, error = safe_reward(reward_fns[p.reward], p.record, text)
-        errors += error is not None
-        rollouts.append(Rollout(p.tokens, r["tokens"], r["logprobs"], value))
-    return rollouts, errors
+        jobs.append((reward_fns[p.reward], p.record, text))
+    scored = (pool or RewardPool(0)).score(jobs)
+    rollouts = [Rollout(prompts[r["prompt_index"]].tokens, r["tokens"], r["logprobs"], value)
+                for r, (value, _) in zip(rollouts_raw, scored)]
+    return rollouts, sum(error is not None for _, error in scored)
 
 
 def to_microbatches(rollouts: list[Rollout], length: int, micro_batch_size: int, pad_id: int) -> list[Microbatch]:
@@ -231,6 +240,10 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
 
     cfg.validate()
     rl = cfg.rl
+    if any(d.reward == "code" for d in rl.datasets):
+        from megatron_bar.rl.sandbox import probe_isolation
+
+        probe_isolation(rl.sandbox)  # a machine that cannot isolate code fails here, before any work
     platform.initialize(platform.ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep),
                         seed=cfg.train.seed)
     rank0 = dist.get_rank() == 0
@@ -267,9 +280,12 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         load_weights(ref_model, model_cfg, cfg.model.load)
         ref_model.eval()
 
-    fleet = None
+    fleet = reward_pool = None
     if rank0:
         from megatron_bar.rl.fleet import FleetConfig, RolloutFleet
+        from megatron_bar.rl.rewards import RewardPool
+
+        reward_pool = RewardPool(rl.reward_workers, rl.sandbox)
 
         fleet = RolloutFleet(
             hf_config_from_model_config(model_cfg, torch.float32),
@@ -307,7 +323,7 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
                                      seed=cfg.train.seed * 100003 + step)
                 t_gen = time.perf_counter() - t0
                 t_score = time.perf_counter()
-                rollouts, reward_errors = score(raw, prompts, tokenizer, reward_fns)
+                rollouts, reward_errors = score(raw, prompts, tokenizer, reward_fns, reward_pool)
                 t_score = time.perf_counter() - t_score
                 rewards = torch.tensor([r.reward for r in rollouts])
                 adv = group_advantages(rewards, rl.samples_per_prompt, rl.advantage_scale)
@@ -364,6 +380,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             preempt.end_of_step(step, total_steps, cfg.checkpoint.interval, save)
     finally:
         metrics.close()
+        if reward_pool is not None:
+            reward_pool.close()
         if fleet is not None:
             fleet.shutdown()
     if rank0:

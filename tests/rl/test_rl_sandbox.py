@@ -361,3 +361,13 @@ def test_unisolated_mode_guard_and_cleanup(host):
     for d, mode in host.modes.items():
         assert os.stat(d).st_mode == mode, d
     assert stat.S_IMODE(os.stat(host.target).st_mode) == 0o777
+
+
+def test_rl_config_carries_the_sandbox_setting():
+    from megatron_bar.rl.trainer import RLTrainConfig
+    from megatron_bar.train.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "examples/configs/tiny/rlvr_digits.yaml"
+    cfg = load_config(path, ["rl.sandbox.allow_unisolated=true", "rl.reward_workers=0"], cls=RLTrainConfig)
+    assert cfg.rl.sandbox == SandboxConfig(allow_unisolated=True) and cfg.rl.reward_workers == 0
+    assert load_config(path, cls=RLTrainConfig).rl.sandbox.allow_unisolated is False
