@@ -256,7 +256,8 @@ def _assert_contained(host: Host, results: dict) -> None:
     assert set(listings["/"]) <= {"bin", "dev", "lib", "lib32", "lib64", "libx32", "proc", "root",
                                   "sandbox", "sbin", "tmp", "usr"}, listings["/"]
     assert set(listings.get("/root", [])) <= {".pyenv"} and listings["/tmp"] == [], listings
-    for name in ("audit_hook_closure", "dir_fd_write", "mkfifo_outside", "network", "signals"):
+    for name in ("audit_hook_closure", "ctypes_socket", "dir_fd_write", "mkfifo_outside", "network",
+                 "signals", "remove_own_folder", "read_host_files"):
         assert "refused:" in results[name]["stdout"], (name, results[name])
     assert "shell ran" in results["posixsubprocess_shell"]["stdout"]
 
