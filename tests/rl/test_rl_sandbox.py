@@ -352,6 +352,18 @@ def test_configure_reaches_run_python(tmp_path, monkeypatch):
         run_python("print(1)")
 
 
+def test_evaluation_does_not_score_code_zero_where_it_cannot_run_it(tmp_path, monkeypatch):
+    from megatron_bar.eval.runner import _score
+    from megatron_bar.eval.suites import TestPrompt
+    from megatron_bar.rl.rewards import _passes_tests
+
+    monkeypatch.setattr(sandbox, "_config", SandboxConfig(bwrap=str(tmp_path / "no-bwrap")))
+    _passes_tests.cache_clear()
+    prompt = TestPrompt("code", (("user", "print 3"),), "code", {"tests": [{"stdin": "", "stdout": "3"}]})
+    with pytest.raises(SandboxUnavailable):
+        _score(prompt, "print(3)")
+
+
 def test_unisolated_mode_guard_and_cleanup(host):
     result = run_python("import subprocess\nsubprocess.run(['true'])\n", isolation=UNISOLATED)
     assert not result.ok and "PermissionError" in result.stderr
