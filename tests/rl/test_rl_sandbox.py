@@ -165,7 +165,7 @@ _SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", tempfile.gettempdir())
 
 
 @pytest.fixture
-def host():
+def host(monkeypatch):
     """Host things a hostile program would go for, all reachable by ``nobody`` outside a sandbox."""
     parent = "/var/tmp" if os.access("/var/tmp", os.W_OK) else None
     base = Path(tempfile.mkdtemp(prefix="bar-sandbox-test-", dir=parent))
@@ -176,6 +176,7 @@ def host():
     secret = f"bar-secret-{uuid.uuid4().hex}"
     (base / "secret.txt").write_text(secret)
     (base / "secret.txt").chmod(0o644)
+    monkeypatch.setenv("BAR_SANDBOX_TEST_SECRET", secret)  # the caller's environment too
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -364,13 +365,18 @@ def test_evaluation_does_not_score_code_zero_where_it_cannot_run_it(tmp_path, mo
         _score(prompt, "print(3)")
 
 
-def test_unisolated_mode_guard_and_cleanup(host):
+def test_unisolated_mode_guard_and_cleanup(host, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"  # where the unisolated mode makes its folders
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = run_python("import subprocess\nsubprocess.run(['true'])\n", isolation=UNISOLATED)
     assert not result.ok and "PermissionError" in result.stderr
     result = run_python(sandbox_hostile.HOSTILE["remove_own_folder"], json.dumps(host.spec()),
                         isolation=UNISOLATED)
-    # the cleanup neither followed the link nor chmod-ed anything outside
-    assert os.listdir(host.target) == []
+    # it removed its folder and left a link to the target in its place: the cleanup
+    # removed the link without following it, and chmod-ed nothing outside
+    assert "refused:" in result.stdout, result
+    assert os.listdir(scratch) == [] and os.listdir(host.target) == []
     for d, mode in host.modes.items():
         assert os.stat(d).st_mode == mode, d
     assert stat.S_IMODE(os.stat(host.target).st_mode) == 0o777
