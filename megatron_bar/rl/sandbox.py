@@ -15,8 +15,9 @@ it works the same way. Each program runs in:
 * **a mount namespace** that holds only: ``/usr`` and the interpreter's own
   prefix, read-only (the interpreter and its standard library, the shared
   libraries and tools such as ``/bin/sh`` that ``subprocess`` runs); a fresh
-  ``/proc`` of its own PID namespace; a minimal ``/dev``; and two size-capped
-  tmpfs, ``/sandbox`` (its working folder, holding ``main.py``) and ``/tmp``.
+  ``/proc`` of its own PID namespace; a minimal read-only ``/dev``; and three
+  size-capped tmpfs, ``/sandbox`` (its working folder, holding ``main.py``),
+  ``/tmp`` and ``/dev/shm``. The rest of the tree is read-only.
   Nothing else of the host is there: no ``/etc``, no home folders, no Ray
   session folders, no ``/proc`` of other processes. No host path is writable,
   and nothing it writes is on the host's disk, so there is nothing to clean.
@@ -80,7 +81,7 @@ __all__ = [
 MAX_PROCESSES = 64  # RLIMIT_NPROC: processes + threads of the sandbox
 MAX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: largest file it may write
 MAX_OPEN_FILES = 256  # RLIMIT_NOFILE
-SCRATCH_BYTES = 64 << 20  # size of each tmpfs (/sandbox and /tmp); tmpfs pages are RAM
+SCRATCH_BYTES = 64 << 20  # size of each tmpfs (/sandbox, /tmp, /dev/shm); tmpfs pages are RAM
 DEFAULT_MAX_OUTPUT_BYTES = 1 << 20  # stdout + stderr; past it the program is killed
 
 SANDBOX_ID = 65534  # uid and gid of the program inside its user namespace ("nobody")
@@ -337,9 +338,14 @@ def _bwrap_command(isolation: Isolation, program_fd: int, status_fd: int, limits
     cmd += [
         "--proc", "/proc",
         "--dev", "/dev",
+        "--size", str(SCRATCH_BYTES), "--tmpfs", "/dev/shm",  # POSIX semaphores (multiprocessing)
         "--size", str(SCRATCH_BYTES), "--tmpfs", "/tmp",
         "--size", str(SCRATCH_BYTES), "--tmpfs", WORKDIR,
         "--file", str(program_fd), f"{WORKDIR}/{_PROGRAM_FILE}",
+        # bwrap's root and /dev are tmpfs without a size limit: read-only, they cannot be
+        # filled (tmpfs pages are RAM, outside RLIMIT_AS)
+        "--remount-ro", "/dev",
+        "--remount-ro", "/",
         "--chdir", WORKDIR,
         "--",
         isolation.interpreter,

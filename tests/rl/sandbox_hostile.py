@@ -206,15 +206,20 @@ while True:
     hog.append(bytearray(1 << 20))
 """,
     "infinite_loop": "while True:\n    pass\n",
+    # Fills every writable place it finds (tmpfs is RAM): each must stop it.
     "disk_filler": r"""
 import os
-for i in range(1000):
-    try:
-        with open("f%d" % i, "wb") as f:
-            f.write(os.urandom(1 << 20) * 8)
-    except OSError as e:
-        print("stopped:", e)
-        break
+chunk = b"x" * (8 << 20)
+for folder in ("/sandbox", "/tmp", "/dev/shm", "/dev", "/", "/usr", "/proc"):
+    for i in range(40):  # 320 MiB
+        try:
+            with open(os.path.join(folder, "fill%d" % i), "wb") as f:
+                f.write(chunk)
+        except OSError as e:
+            print("stopped:", folder, e)
+            break
+    else:
+        print("ESCAPED: wrote 320 MiB to", folder)
 """,
 }
 
