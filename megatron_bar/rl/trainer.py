@@ -243,7 +243,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
     if any(d.reward == "code" for d in rl.datasets):
         from megatron_bar.rl.sandbox import probe_isolation
 
-        probe_isolation(rl.sandbox)  # a machine that cannot isolate code fails here, before any work
+        # a machine that cannot isolate code fails here, before any work
+        log.info("code sandbox: %s", probe_isolation(rl.sandbox).describe())
     platform.initialize(platform.ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep),
                         seed=cfg.train.seed)
     rank0 = dist.get_rank() == 0

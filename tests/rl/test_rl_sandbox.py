@@ -390,3 +390,14 @@ def test_rl_config_carries_the_sandbox_setting():
     cfg = load_config(path, ["rl.sandbox.allow_unisolated=true", "rl.reward_workers=0"], cls=RLTrainConfig)
     assert cfg.rl.sandbox == SandboxConfig(allow_unisolated=True) and cfg.rl.reward_workers == 0
     assert load_config(path, cls=RLTrainConfig).rl.sandbox.allow_unisolated is False
+
+
+def test_rlvr_with_a_code_reward_stops_before_any_work_where_code_cannot_be_isolated(tmp_path):
+    from megatron_bar.rl.trainer import RLTrainConfig, train_rl
+    from megatron_bar.train.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "examples/configs/tiny/rlvr_digits.yaml"
+    cfg = load_config(path, ['rl.datasets=[{path: "missing.jsonl", reward: code}]',
+                             f"rl.sandbox.bwrap={tmp_path / 'no-bwrap'}"], cls=RLTrainConfig)
+    with pytest.raises(SandboxUnavailable, match=r"rl\.sandbox\.allow_unisolated: true"):
+        train_rl(cfg)  # before the model, the data or any process group
