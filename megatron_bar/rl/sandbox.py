@@ -8,6 +8,9 @@ on ``PATH``, else the path in ``SandboxConfig.bwrap``. It needs no root: it
 uses unprivileged user namespaces, which most cluster kernels allow; as root
 it works the same way. Each program runs in:
 
+* **an unprivileged uid**: as root, bwrap itself runs as ``nobody``, so the
+  program is no root on the host either (where ``nobody`` cannot reach bwrap or
+  an interpreter, it runs as root, still in the namespaces below).
 * **a user namespace** (``--unshare-user``) with every capability dropped,
   ``no_new_privs`` set (setuid binaries gain nothing) and further user
   namespaces refused (``--disable-userns``). Its hard rlimits cannot be raised
@@ -54,6 +57,7 @@ import functools
 import json
 import logging
 import os
+import pwd
 import selectors
 import shutil
 import signal
@@ -157,11 +161,15 @@ class Isolation:
         interpreter: Python executable that runs the program.
         bwrap: the bubblewrap binary; None for the unisolated mode.
         read_only: host folders the sandbox sees, read-only, at the same path.
+        host_ids: (uid, gid) bwrap runs as, when the caller is root: then the
+            program is ``nobody`` on the host too, not a root without capabilities.
+            None: the caller's.
     """
 
     interpreter: str
     bwrap: str | None = None
     read_only: tuple[str, ...] = ()
+    host_ids: tuple[int, int] | None = None
 
     @property
     def isolated(self) -> bool:
@@ -170,7 +178,9 @@ class Isolation:
     def describe(self) -> str:
         if not self.isolated:
             return f"UNISOLATED (rlimits + audit hook), interpreter {self.interpreter}"
-        return f"bubblewrap {self.bwrap}, interpreter {self.interpreter}, read-only {list(self.read_only)}"
+        who = f"host uid {self.host_ids[0]}" if self.host_ids else "the caller's uid"
+        return (f"bubblewrap {self.bwrap} as {who}, interpreter {self.interpreter}, "
+                f"read-only {list(self.read_only)}")
 
 
 # --------------------------------------------------------------------------- #
@@ -493,6 +503,9 @@ def _run(
         os.lseek(program_fd, 0, os.SEEK_SET)
         argv = _bwrap_command(isolation, program_fd, status_write, limits)
         popen_kw = {"pass_fds": (program_fd, status_write)}
+        if isolation.host_ids is not None:
+            uid, gid = isolation.host_ids
+            popen_kw.update(user=uid, group=gid, extra_groups=[])
     else:
         workdir = tempfile.mkdtemp(prefix="bar-sandbox-")
         workdir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -605,16 +618,24 @@ def _find_bwrap(configured: str | None) -> str | None:
 
 def _candidates(bwrap: str) -> list[Isolation]:
     """This interpreter with its own prefix, then the system ``python3`` (for example, when
-    the caller cannot read its own interpreter's real path)."""
-    candidates = []
+    ``nobody`` cannot read this one). As root, each first with bwrap run as ``nobody``,
+    then as root."""
+    interpreters = []
     interpreter = os.path.realpath(sys.executable)
     prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}
     read_only = ["/usr"] + sorted(p for p in prefixes if p != "/usr" and not p.startswith("/usr/"))
-    candidates.append(Isolation(interpreter, bwrap, tuple(read_only)))
+    interpreters.append((interpreter, tuple(read_only)))
     system_python = shutil.which("python3", path=_PATH)
     if system_python and os.path.realpath(system_python) != interpreter:
-        candidates.append(Isolation(os.path.realpath(system_python), bwrap, ("/usr",)))
-    return candidates
+        interpreters.append((os.path.realpath(system_python), ("/usr",)))
+    host_ids: list[tuple[int, int] | None] = [None]
+    if os.geteuid() == 0:
+        try:
+            nobody = pwd.getpwnam("nobody")
+            host_ids.insert(0, (nobody.pw_uid, nobody.pw_gid))
+        except KeyError:
+            pass
+    return [Isolation(path, bwrap, ro, ids) for ids in host_ids for path, ro in interpreters]
 
 
 _PROBE = "import subprocess, sys; sys.exit(subprocess.run(['true']).returncode)"
