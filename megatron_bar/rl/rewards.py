@@ -456,13 +456,15 @@ class RewardPool:
             return [safe_reward(fn, record, completion) for fn, record, completion in jobs]
         pool = self._executor()
         futures = [pool.submit(safe_reward, fn, record, completion) for fn, record, completion in jobs]
-        results = []
+        results, broken = [], False
         for future in futures:
             try:
                 results.append(future.result())
-            except concurrent.futures.process.BrokenProcessPool as e:
-                results.append((0.0, f"BrokenProcessPool: {e}"))
-        if any(error and error.startswith("BrokenProcessPool") for _, error in results):
+            except Exception as e:  # noqa: BLE001 -- a dead worker, a job that cannot be pickled
+                broken |= isinstance(e, concurrent.futures.process.BrokenProcessPool)
+                logger.warning("reward job failed in the pool, scoring 0.0: %s: %s", type(e).__name__, e)
+                results.append((0.0, f"{type(e).__name__}: {e}"))
+        if broken:
             logger.warning("a reward worker died; starting the pool afresh")
             self.close()
         return results

@@ -302,3 +302,17 @@ def test_reward_pool_workers_get_the_sandbox_setting(tmp_path):
     with RewardPool(1, SandboxConfig(bwrap=str(tmp_path / "missing"))) as pool:
         (value, error), = pool.score([(code_reward, {"tests": ADD_TESTS}, "print(3)")])
     assert value == 0.0 and "SandboxUnavailable" in error and "rl.sandbox.allow_unisolated: true" in error
+
+
+def test_reward_pool_a_dead_worker_costs_its_jobs_not_the_run():
+    jobs = [(safety_reward, {"behavior": "comply"}, "Sure!"), (_exit_worker, {}, "x")]
+    with RewardPool(1) as pool:
+        scored = pool.score(jobs)
+        assert scored[1][0] == 0.0 and "BrokenProcessPool" in scored[1][1]
+        assert pool.score(jobs[:1]) == [(1.0, None)]  # a fresh pool afterwards
+
+
+def _exit_worker(record, completion):
+    import os
+
+    os._exit(3)
