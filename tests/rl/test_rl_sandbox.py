@@ -59,9 +59,7 @@ def test_probe_finds_bubblewrap():
 @pytest.mark.skipif(os.geteuid() != 0, reason="the caller is not root")
 def test_as_root_the_program_is_not_root_on_the_host():
     iso = probe_isolation()
-    if iso.host_ids is None:  # (the nobody test below covers bwrap run unprivileged)
-        pytest.skip(f"nobody cannot reach bwrap or an interpreter here: {iso.describe()}")
-    assert iso.host_ids[0] != 0
+    assert iso.host_ids is not None and iso.host_ids[0] != 0, iso.describe()
     marker = f"barsbx{uuid.uuid4().hex}"
     code = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(5)', {marker!r}])"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -286,17 +284,10 @@ def _assert_contained(host: Host, results: dict) -> None:
     assert "shell ran" in results["posixsubprocess_shell"]["stdout"]
 
 
-def _bwrap_as_root() -> Isolation:
-    return next(c for c in sandbox._candidates(probe_isolation().bwrap) if c.host_ids is None)
-
-
-@pytest.mark.parametrize("bwrap_as", [
-    "probed",  # as root: bwrap runs as nobody
-    pytest.param("root", marks=pytest.mark.skipif(os.geteuid() != 0, reason="the caller is not root")),
-])
-def test_hostile_programs_are_contained(host, bwrap_as):
-    isolation = probe_isolation() if bwrap_as == "probed" else _bwrap_as_root()
-    results = sandbox_hostile.run_all(sandbox, host.spec(), TIMEOUT_S, isolation=isolation)
+def test_hostile_programs_are_contained(host):
+    # as root, bwrap runs as nobody (root is exempt from RLIMIT_NPROC: a fork bomb as root
+    # grew to tens of thousands of processes here until the timeout)
+    results = sandbox_hostile.run_all(sandbox, host.spec(), TIMEOUT_S)
     _assert_contained(host, results)
 
 
