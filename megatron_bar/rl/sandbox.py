@@ -45,7 +45,7 @@ the caller, on the host, with the same rlimits, in its own session (killed as
 a group) and a fresh temporary folder, under a Python audit hook that refuses
 sockets, process creation, signals to others, ``ctypes`` and writes outside the
 folder. Audit hooks are a tripwire, not a boundary: a determined program gets
-around them (see the README).
+around them (see the README). As root, that mode has no process limit either.
 
 Not contained in either mode: CPU and memory bandwidth (a program can slow its
 neighbours down for up to ``timeout_s``), and reading what is under ``/usr``.
