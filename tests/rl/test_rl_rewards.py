@@ -8,6 +8,7 @@ import pytest
 
 from megatron_bar.rl.rewards import (
     BUILTIN_REWARDS,
+    RewardPool,
     code_reward,
     extract_program,
     get_reward_fn,
@@ -16,6 +17,7 @@ from megatron_bar.rl.rewards import (
     safety_reward,
     tool_reward,
 )
+from megatron_bar.rl.sandbox import SandboxConfig
 
 # ---------------------------------------------------------------------- math
 
@@ -264,3 +266,53 @@ def test_safe_reward_passes_results_through():
 def test_safe_reward_counts_a_bad_record_as_an_error():
     reward, error = safe_reward(math_reward, {"question": "no answer field"}, "\\boxed{1}")
     assert reward == 0.0 and error.startswith("KeyError")
+
+
+# ----------------------------------------------------------------- the pool
+
+
+def test_code_reward_scores_a_program_that_uses_subprocess():
+    program = "import subprocess, sys\na, b = map(int, input().split())\n" \
+              "print(subprocess.run([sys.executable, '-c', f'print({a} + {b})'], capture_output=True, text=True).stdout, end='')"
+    assert code_reward({"tests": ADD_TESTS}, _fenced(program)) == 1.0
+
+
+def _raises(record, completion):
+    raise ValueError("boom")
+
+
+def test_reward_pool_scores_in_workers_like_in_process():
+    good = _fenced("a, b = map(int, input().split())\nprint(a + b)")
+    jobs = [
+        (code_reward, {"tests": ADD_TESTS}, good),
+        (code_reward, {"tests": ADD_TESTS}, _fenced("print(0)")),
+        (math_reward, {"answer": "42"}, "so \\boxed{42}"),
+        (_raises, {}, "x"),
+        (safety_reward, {"behavior": "refuse"}, "Sure!"),
+    ]
+    with RewardPool(2) as pool:
+        pooled = pool.score(jobs)
+    assert pooled == RewardPool(0).score(jobs)
+    assert [value for value, _ in pooled] == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert pooled[3][1] == "ValueError: boom" and [e for _, e in pooled].count(None) == 4
+
+
+def test_reward_pool_workers_get_the_sandbox_setting(tmp_path):
+    # No bubblewrap at that path: each worker refuses code, naming the setting to change.
+    with RewardPool(1, SandboxConfig(bwrap=str(tmp_path / "missing"))) as pool:
+        (value, error), = pool.score([(code_reward, {"tests": ADD_TESTS}, "print(3)")])
+    assert value == 0.0 and "SandboxUnavailable" in error and "rl.sandbox.allow_unisolated: true" in error
+
+
+def test_reward_pool_a_dead_worker_costs_its_jobs_not_the_run():
+    jobs = [(safety_reward, {"behavior": "comply"}, "Sure!"), (_exit_worker, {}, "x")]
+    with RewardPool(1) as pool:
+        scored = pool.score(jobs)
+        assert scored[1][0] == 0.0 and "BrokenProcessPool" in scored[1][1]
+        assert pool.score(jobs[:1]) == [(1.0, None)]  # a fresh pool afterwards
+
+
+def _exit_worker(record, completion):
+    import os
+
+    os._exit(3)
