@@ -20,11 +20,9 @@ stops the merge, and nothing is left at the output path.
 from __future__ import annotations
 
 import datetime
-import errno
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -368,22 +366,16 @@ def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | 
             stale = incomplete_path(save_dir)
             if stale.exists():
                 print_fn(f"removing {stale}, left behind by a merge that did not finish")
-            if _free_bytes(save_dir) < size:
-                raise _no_space(save_dir, size)
-            with atomic_output_dir(save_dir) as tmp:
-                try:
-                    write_checkpoint(out_cfg, dtype, tmp, ex.fill)
-                    write_tokenizer(tmp / TOKENIZER_SUBDIR)
-                    for entry, inp in hashed:
-                        entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
-                    manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
-                    manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
-                    manifest["tensors"] = dict(sorted(ex.tensor_status.items()))
-                    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-                except (OSError, RuntimeError) as e:  # (torch.save's full disk: "unexpected pos")
-                    if getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(save_dir) < 1 << 20:
-                        raise _no_space(save_dir, size) from None
-                    raise
+            # A full disk, found before writing or during it, is a DiskFullError naming save_dir.
+            with atomic_output_dir(save_dir, need_bytes=size) as tmp:
+                write_checkpoint(out_cfg, dtype, tmp, ex.fill)
+                write_tokenizer(tmp / TOKENIZER_SUBDIR)
+                for entry, inp in hashed:
+                    entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
+                manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
+                manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
+                manifest["tensors"] = dict(sorted(ex.tensor_status.items()))
+                (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
         manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
         report = format_divergence(manifest["divergence"], [inp.name for inp in inputs], manifest["outliers"])
@@ -405,18 +397,6 @@ def _vocabulary(inputs: Sequence[Input], keep_rows_of: int | None = None) -> tup
         return plan, merge_tokenizers(inputs, plan)
     except VocabMergeError as e:
         raise MergeError(str(e)) from None
-
-
-def _free_bytes(path: Path) -> int:
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def _no_space(save_dir: Path, size: int) -> MergeError:
-    return MergeError(f"{save_dir}: no space left on the device (the merged checkpoint needs about "
-                      f"{size / 2**20:.1f} MiB, {_free_bytes(save_dir) / 2**20:.1f} MiB are free); nothing was written")
 
 
 def _open_all(named: Sequence[tuple[str, Path]], save_dir, dry_run: bool) -> tuple[list[Input], Path | None]:

@@ -569,6 +569,7 @@ def test_full_disk_names_the_path(experts, merged, tmp_path):
     import subprocess
 
     from megatron_bar.bar.merge_io import expected_tensors
+    from megatron_bar.utils.fs import DiskFullError
 
     small = tmp_path / "small"
     small.mkdir()
@@ -577,13 +578,13 @@ def test_full_disk_names_the_path(experts, merged, tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         out = small / "merged"
-        with pytest.raises(MergeError, match=rf"{re.escape(str(out))}: no space left on the device"):
+        with pytest.raises(DiskFullError, match=rf"{re.escape(str(out))}: not enough disk space"):
             merge_experts(list(experts.items()), out, **QUIET)
         assert_nothing_written(out)
         cfg = ModelConfig.load(merged)
         tensors = sum(math.prod(s) * d.itemsize for s, d in expected_tensors(cfg, torch.float32).values())
         subprocess.run(["mount", "-o", f"remount,size={tensors // 1024 + 8}k", str(small)], check=True)
-        with pytest.raises(MergeError, match=rf"{re.escape(str(out))}: no space left on the device"):
+        with pytest.raises(DiskFullError, match=rf"{re.escape(str(out))}: no space left on device"):
             merge_experts(list(experts.items()), out, **QUIET)
         assert_nothing_written(out)
     finally:
