@@ -3,7 +3,10 @@
 The policy is a transformers model (Olmo 2 or FlexOlmo) built from the trainer's
 ``ModelConfig``; it generates with the KV cache, samples at the configured temperature,
 and reports each sampled token's log-probability under the sampling distribution (what
-the trainer's importance correction compares against). Weights arrive in the HF layout
+the trainer's importance correction compares against). Those log-probs are taken one
+decoding step at a time (:class:`SampledLogprobs`): the worker never holds more than one
+step's ``[n, V]`` scores, so its memory does not grow with the response length times the
+vocabulary. Weights arrive in the HF layout
 (:mod:`megatron_bar.rl.weights`), through Ray's object store when run as an actor.
 """
 
@@ -88,6 +91,44 @@ class _RoutingRecorder:
         return torch.stack(per_layer).clone()
 
 
+class SampledLogprobs:
+    """A transformers logits processor that is the sampling temperature and keeps, per
+    decoding step, only what the rollout reports: each sequence's log-prob of the token
+    it sampled and the entropy of the distribution it sampled from.
+
+    ``generate`` calls it once per step with that step's ``[n, V]`` scores; the token
+    sampled from them is known only at the next call (the last column of ``input_ids``),
+    so one step's log-softmax is held until then and :meth:`finish` gathers the last one.
+    Generation runs with ``temperature=1`` and no other warper, so the distribution
+    sampled from is exactly ``softmax(scores / temperature)`` as returned here."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.logprobs: list[torch.Tensor] = []  # one [n] per step
+        self.entropy: list[torch.Tensor] = []
+        self._pending: torch.Tensor | None = None  # the last step's log-softmax [n, V]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:
+            self._take(input_ids[:, -1])
+        scores = scores.float() / self.temperature
+        self._pending = torch.log_softmax(scores, -1)
+        self.entropy.append(token_entropy(scores))
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.logprobs.append(self._pending.gather(-1, tokens[:, None].to(self._pending.device)).squeeze(-1))
+        self._pending = None
+
+    def finish(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs, entropy)``, each ``[n, T]`` for the ``T`` generated tokens."""
+        if self._pending is not None:
+            self._take(new_tokens[:, -1])
+        if len(self.logprobs) != new_tokens.size(1):
+            raise RuntimeError(f"{len(self.logprobs)} decoding steps seen for {new_tokens.size(1)} tokens")
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
+
+
 class RolloutWorker:
     """Generation on one copy of the policy. Plain class; the fleet wraps it as a Ray actor."""
 
@@ -135,9 +176,13 @@ class RolloutWorker:
         for i, p in enumerate(expanded):  # left padding: generation continues at the right
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention[i, width - len(p):] = 1
+        from transformers import LogitsProcessorList
+
         greedy = temperature == 0
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
+        # the temperature is applied by SampledLogprobs, not by generate's own warper
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0,
                                                          "top_k": 0, "top_p": 1.0}
+        steps = SampledLogprobs(1.0 if greedy else temperature)
         recorder = _RoutingRecorder(self.model) if record_routing else None
         try:
             out = self.model.generate(
@@ -147,16 +192,14 @@ class RolloutWorker:
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_id,
                 pad_token_id=pad_id,
-                output_logits=True,
+                logits_processor=LogitsProcessorList([steps]),
                 return_dict_in_generate=True,
             )
         finally:
             if recorder is not None:
                 recorder.remove()
         new_tokens = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float() / (1.0 if greedy else temperature)  # [n, T, V]
-        logprobs = torch.log_softmax(logits, -1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        entropy = token_entropy(logits)  # [n, T]
+        logprobs, entropy = steps.finish(new_tokens)  # [n, T] each
         results = []
         for i in range(len(expanded)):
             tokens = new_tokens[i].tolist()
