@@ -81,6 +81,9 @@ class RLConfig:
     kl_beta: float = 0.0  # k3 KL to the starting policy; 0 = off (the recipe)
     tis_cap: float = 2.0  # truncated importance sampling: rollout vs trainer log-probs
     minibatches: int = 1  # optimizer steps per rollout (open-instruct num_mini_batches; 1 = on-policy)
+    # 1: the next rollout is generated (by the weights before this step's update) while the
+    # trainer trains on the last one (open-instruct's --async_steps 1); 0: synchronous
+    async_steps: int = 0
     # responses cut at max_response_tokens: none (kept) | mask (out of the loss) | penalty (DAPO soft)
     overlong: str = "none"
     overlong_buffer: int | None = None  # penalty: over the last N tokens (None: max_response_tokens // 4)
@@ -112,6 +115,8 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError("rl.samples_per_prompt must be at least 2 (GRPO compares a group)")
         if self.rl.minibatches < 1:
             raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
+        if self.rl.async_steps not in (0, 1):
+            raise ConfigError(f"rl.async_steps must be 0 or 1, got {self.rl.async_steps}")
         if self.rl.loss_agg not in ("token-mean", "seq-mean-token-mean"):
             raise ConfigError(f"rl.loss_agg {self.rl.loss_agg!r}: token-mean or seq-mean-token-mean")
         if self.rl.advantage not in ("grpo", "drgrpo", "rloo"):
@@ -552,13 +557,18 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
     vocab = model_cfg.vocab_size
     before_forward = None if replay is None else (lambda mb: replay.set(mb.routing))
 
-    # The policy that generated: the trainer's own log-probs before the update.
     every = [mb for group in minibatches for mb in group]
-    old = forward_backward(ddp, every, vocab, forward_only=True, keep_logits=True, loss_fn=_zero_loss,
-                           before_forward=before_forward)
-    for mb, logits in zip(every, old.logits):
-        mb.old_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
-    gap = _rollout_gap(every)
+    # The old policy (the ratio's denominator) is the trainer's own log-probs before the
+    # update. On-policy with one update (the rollout came from these very weights, and no
+    # earlier minibatch moved them) they are the update's own log-probs, detached: the
+    # separate forward pass over the whole rollout is skipped and the loss takes them
+    # from its own forward (ratio 1, the same loss and gradient).
+    on_policy = n_mb == 1 and rl.async_steps == 0
+    if not on_policy:
+        old = forward_backward(ddp, every, vocab, forward_only=True, keep_logits=True, loss_fn=_zero_loss,
+                               before_forward=before_forward)
+        for mb, logits in zip(every, old.logits):
+            mb.old_logprobs = _token_logprobs(logits, mb.labels, vocab, rl.temperature)
     if ref_model is not None:
         ref = forward_backward(ref_model, every, vocab, forward_only=True, keep_logits=True,
                                loss_fn=_zero_loss)
@@ -570,6 +580,8 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
     def loss_fn(logits, mb, out):
         device = logits.device
         logprobs = _token_logprobs(logits, mb.labels.to(device), vocab, rl.temperature)
+        if on_policy:
+            mb.old_logprobs = logprobs.detach()
         mask = mb.loss_mask.to(device)
         loss, m = policy_loss(
             logprobs, mb.old_logprobs.to(device), mb.advantages.to(device), mask,
@@ -603,6 +615,7 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
         grad_norms.append(float(grad_norm or 0.0))
     if replay is not None:
         replay.clear()
+    gap = _rollout_gap(every)
     weight = sum(c["count"] for c in collected) or 1.0
     avg = {k: sum(c[k] * c["count"] for c in collected) / weight
            for k in ("clip_frac", "clip_frac_dual", "ratio_mean") if collected and k in collected[0]}
