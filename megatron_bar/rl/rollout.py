@@ -142,9 +142,44 @@ class RolloutWorker:
         return os.getpid()
 
     def set_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> int:
+        """The whole model at once (every tensor must be there)."""
         self.model.load_state_dict(to_transformers_layout(hf_state, self.model), strict=True)
         self.version = version
         return version
+
+    @torch.no_grad()
+    def update_weights(self, part: dict[str, torch.Tensor], version: int) -> int:
+        """Some of the model's tensors, in the saved HF layout, copied into the model in
+        place (a fused FlexOlmo expert tensor takes one expert's projection at a time);
+        the rest keep what they had. The weight sync's buckets arrive this way."""
+        targets = self._targets()
+        unknown = [k for k in part if k not in targets]
+        if unknown:
+            raise KeyError(f"weights for the rollout model: unknown tensor {unknown[0]!r}")
+        for key, tensor in part.items():
+            targets[key].copy_(tensor)
+        self.version = version
+        return version
+
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """HF key -> the view of this model's own storage that tensor goes into."""
+        if getattr(self, "_target_views", None) is None:
+            views = {}
+            for key, t in self.model.state_dict(keep_vars=False).items():
+                m = _FUSED_EXPERTS.match(key)
+                if not m:
+                    views[key] = t
+                    continue
+                prefix, kind = m.groups()
+                for e in range(t.size(0)):
+                    if kind == "gate_up_proj":
+                        half = t.size(1) // 2
+                        views[f"{prefix}.{e}.gate_proj.weight"] = t[e, :half]
+                        views[f"{prefix}.{e}.up_proj.weight"] = t[e, half:]
+                    else:
+                        views[f"{prefix}.{e}.down_proj.weight"] = t[e]
+            self._target_views = views
+        return self._target_views
 
     @torch.no_grad()
     def generate(
