@@ -101,6 +101,7 @@ class RLConfig:
     threads_per_worker: int = 1
     ray_address: str | None = None
     timeout_s: float = 600.0
+    sync_bucket_mb: float = 256.0  # weight sync: changed tensors go to the workers in buckets of this size
 
 
 @dataclass
@@ -118,6 +119,8 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
         if self.rl.async_steps not in (0, 1):
             raise ConfigError(f"rl.async_steps must be 0 or 1, got {self.rl.async_steps}")
+        if not self.rl.sync_bucket_mb > 0:
+            raise ConfigError(f"rl.sync_bucket_mb must be positive, got {self.rl.sync_bucket_mb}")
         if self.rl.loss_agg not in ("token-mean", "seq-mean-token-mean"):
             raise ConfigError(f"rl.loss_agg {self.rl.loss_agg!r}: token-mean or seq-mean-token-mean")
         if self.rl.advantage not in ("grpo", "drgrpo", "rloo"):
@@ -441,7 +444,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             hf_config_from_model_config(model_cfg, torch.float32),
             FleetConfig(num_workers=rl.num_workers, cpus_per_worker=rl.cpus_per_worker,
                         gpus_per_worker=rl.gpus_per_worker, threads_per_worker=rl.threads_per_worker,
-                        ray_address=rl.ray_address, timeout_s=rl.timeout_s),
+                        ray_address=rl.ray_address, timeout_s=rl.timeout_s,
+                        sync_bucket_mb=rl.sync_bucket_mb),
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))

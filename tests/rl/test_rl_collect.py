@@ -105,6 +105,8 @@ def test_full_microbatches_pad_with_rows_that_carry_no_loss():
     ("dynamic_sampling_max_rounds", 0, "rl.dynamic_sampling_max_rounds"),
     ("eval_interval", 2, "rl.eval_datasets is empty"),
     ("eval_samples", 0, "rl.eval_samples"),
+    ("async_steps", 2, "rl.async_steps"),
+    ("sync_bucket_mb", 0, "rl.sync_bucket_mb"),
 ])
 def test_bad_keys_are_clear_errors(key, value, message):
     from megatron_bar.train.config import ConfigError
