@@ -19,6 +19,7 @@ import torch
 
 from megatron_bar.rl.grpo import token_entropy
 
+_ENTROPY_ROWS = 8
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -111,9 +112,12 @@ class SampledLogprobs:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._pending is not None:
             self._take(input_ids[:, -1])
-        scores = scores.float() / self.temperature
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores.div_(self.temperature)  # generate's own float copy: no second [n, V]
         self._pending = torch.log_softmax(scores, -1)
-        self.entropy.append(token_entropy(scores))
+        # entropy a few rows at a time: its temporaries stay a fraction of one [n, V]
+        self.entropy.append(torch.cat([token_entropy(rows) for rows in scores.split(_ENTROPY_ROWS)]))
         return scores
 
     def _take(self, tokens: torch.Tensor) -> None:
