@@ -95,6 +95,7 @@ class RLConfig:
     eval_datasets: list[RLDatasetConfig] = field(default_factory=list)  # held-out, as rl.datasets
     eval_samples: int = 4  # pass@k: k samples per prompt at rl.temperature
     routing_replay: bool = False  # MoE: the trainer routes each token to the rollout's experts (R3)
+    engine: str = "transformers"  # the rollout workers' generation engine (the only one built)
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -117,6 +118,7 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError("rl.samples_per_prompt must be at least 2 (GRPO compares a group)")
         if self.rl.minibatches < 1:
             raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
+        _check_engine(self.rl.engine)
         if self.rl.async_steps not in (0, 1):
             raise ConfigError(f"rl.async_steps must be 0 or 1, got {self.rl.async_steps}")
         if not self.rl.sync_bucket_mb > 0:
@@ -151,6 +153,31 @@ class RLTrainConfig(TrainConfig):
         if self.train.steps is None:
             raise ConfigError("train.steps is required for RLVR (one step = one rollout + update)")
         return self
+
+
+# vLLM and megatron-core's inference engine are where a GPU rollout engine would go; neither
+# is wired into the rollout workers yet, so naming one is an error before any work starts.
+_PLANNED_ENGINES = {"vllm": ("vllm", "pip install vllm"),
+                    "megatron": ("megatron.core.inference", "pip install megatron-core")}
+
+
+def _check_engine(engine: str) -> None:
+    import importlib.util
+
+    if engine == "transformers":
+        return
+    if engine not in _PLANNED_ENGINES:
+        raise ConfigError(f"rl.engine {engine!r}: transformers (vllm and megatron are not built yet)")
+    module, install = _PLANNED_ENGINES[engine]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ConfigError(f"rl.engine {engine!r} is not installed ({install}); and the rollout "
+                          f"workers do not drive it yet: use rl.engine transformers")
+    raise ConfigError(f"rl.engine {engine!r}: installed, but the rollout workers do not drive it yet; "
+                      f"use rl.engine transformers")
 
 
 # -- prompts ------------------------------------------------------------------------------
