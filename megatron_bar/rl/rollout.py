@@ -133,10 +133,30 @@ class SampledLogprobs:
         return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
 
 
+def _return_large_blocks_to_the_os(threshold: int = 128 << 10) -> None:
+    """Allocations above ``threshold`` bytes from their own mmap, freed back to the OS.
+
+    Decoding allocates one step's ``[n, V]`` scores and a KV cache that grows by
+    concatenation at every step. glibc raises its mmap threshold after the first large
+    free (up to 32 MB), so later such blocks come from the heap, where the cache's growing
+    blocks fragment it and the process keeps gigabytes it no longer uses. A fixed
+    threshold (glibc's mallopt M_MMAP_THRESHOLD, which also stops the raising) keeps the
+    peak at what is live. No-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class RolloutWorker:
     """Generation on one copy of the policy. Plain class; the fleet wraps it as a Ray actor."""
 
     def __init__(self, hf_config: dict, threads: int | None = None):
+        _return_large_blocks_to_the_os()
         if threads:
             torch.set_num_threads(threads)
         self.model = _build_hf_model(hf_config)
