@@ -1,12 +1,23 @@
 #!/usr/bin/env python
-"""Rollout throughput of the Ray fleet with 1 and with 2 workers, and the share of an
-RLVR step spent generating, on the tiny default (CPU).
+"""Rollout throughput of the Ray fleet with 1 and with 2 workers, the share of an RLVR
+step spent generating and syncing weights, the bytes per sync, the one-step-async loop's
+step time against the synchronous one (all on the tiny default, CPU), and the peak memory
+of one rollout worker with a 100352-token vocabulary.
 
     python bench/rollout.py [--prompts 16 --samples 8 --tokens 32]
+    python bench/rollout.py --memory-only [--mem-samples 64 --mem-tokens 512]
+
+Peak memory: a fresh process builds a rollout worker whose model is the tiny default with
+``--mem-vocab`` (100352) tokens, and generates ``--mem-samples`` x ``--mem-tokens``; its
+peak RSS above what the process held before the model was built (after a
+small model generated once, so that imports are not counted) is compared with the
+model's own bytes plus its KV cache (the bound: 2x). The stacked ``[n, T, V]`` float32
+logits the worker used to keep are printed beside it, for scale (not run).
 
 Last line: a JSON object with tokens_per_s_1_worker, tokens_per_s_2_workers, ratio
-(2 / 1 workers) and generation_share (of a full RLVR step, measured by the trainer's own
-timers on a short run).
+(2 / 1 workers), generation_share and sync_share (of a full RLVR step, by the trainer's own
+timers on a short run), first_sync_bytes (the whole model) and sync_bytes (a later step's
+mean), step_s_sync / step_s_async and their ratio, and the memory figures.
 """
 
 import argparse
@@ -19,10 +30,32 @@ from pathlib import Path
 
 import torch
 
+_MEMORY_CHILD = r"""
+import json, resource, sys
+import psutil, torch
+from megatron_bar.rl.rollout import RolloutWorker
+
+hf_config, samples, tokens, threads = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+# a small worker first, so that what generation imports and allocates once is in the baseline
+small = RolloutWorker({**hf_config, "vocab_size": 512})
+small.generate([[1, 5, 6]], 2, 1.0, 4, eos_id=-1, pad_id=3, seed=0)
+del small
+before = psutil.Process().memory_info().rss
+worker = RolloutWorker(hf_config)
+model_bytes = sum(p.numel() * p.element_size() for p in worker.model.parameters())
+prompts = [[1] + list(range(5, 13 + i % 4)) for i in range(max(1, samples // 8))]
+per_prompt = samples // len(prompts)
+out = worker.generate(prompts, per_prompt, 1.0, tokens, eos_id=-1, pad_id=3, seed=0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak, "model_bytes": model_bytes,
+                  "generated": sum(len(o["tokens"]) for o in out), "width": max(map(len, prompts))}))
+"""
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rollout_tokens_per_s(base, workers: int, prompts: int, samples: int, tokens: int, rounds: int) -> float:
+def rollout_tokens_per_s(base, workers: int, prompts: int, samples: int, tokens: int, rounds: int):
     import megatron_bar
     from megatron_bar.convert.hf_io import hf_config_from_model_config
     from megatron_bar.rl.fleet import FleetConfig, RolloutFleet
@@ -33,31 +66,56 @@ def rollout_tokens_per_s(base, workers: int, prompts: int, samples: int, tokens:
                          FleetConfig(num_workers=workers, timeout_s=600))
     try:
         fleet.push_weights(gather_hf_state_dict(policy.gpt, policy.config), 0)
+        first_sync = dict(fleet.last_sync)
         batch = [[1] + list(range(5, 5 + 8 + i % 4)) for i in range(prompts)]
         fleet.generate(batch, samples, 1.0, tokens, eos_id=-1, pad_id=3, seed=0)  # warm-up
         t0, generated = time.perf_counter(), 0
         for r in range(rounds):
             out = fleet.generate(batch, samples, 1.0, tokens, eos_id=-1, pad_id=3, seed=r + 1)
             generated += sum(len(o["tokens"]) for o in out)
-        return generated / (time.perf_counter() - t0)
+        return generated / (time.perf_counter() - t0), first_sync
     finally:
         fleet.shutdown()
 
 
-def generation_share(base, workdir: Path) -> float:
+def step_shares(base, workdir: Path, async_steps: int) -> dict:
+    """A 6-step RLVR run of the tiny digits recipe; its timers, after the first step."""
     from megatron_bar.demo.toy_rl import write_digit_prompts
     from megatron_bar.train.metrics import read_metrics
 
     prompts = write_digit_prompts(workdir / "digits.jsonl")
-    out = workdir / "rl"
+    out = workdir / f"rl_async{async_steps}"
     cmd = [sys.executable, "-m", "megatron_bar.rl", str(REPO / "examples/configs/tiny/rlvr_digits.yaml"),
            f"model.load={base}", f'rl.datasets=[{{path: "{prompts}", reward: "megatron_bar.demo.toy_rl:digits_reward"}}]',
-           "train.steps=6", f"train.output_dir={out}", "checkpoint.interval=1000"]
+           "train.steps=6", f"train.output_dir={out}", "checkpoint.interval=1000",
+           f"rl.async_steps={async_steps}"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
     rows = read_metrics(out / "metrics.jsonl")[1:]  # the first step includes warm-up
-    gen = sum(r["time_generation_s"] for r in rows)
-    total = sum(r["time_generation_s"] + r["time_training_s"] + r["time_weight_sync_s"] for r in rows)
-    return gen / total
+    step = sum(r["time_step_s"] for r in rows)
+    return {"generation_share": sum(r["time_generation_s"] for r in rows) / step,
+            "sync_share": sum(r["time_weight_sync_s"] for r in rows) / step,
+            "step_s": step / len(rows),
+            "sync_bytes": sum(r["weight_sync_bytes"] for r in rows) / len(rows)}
+
+
+def worker_peak_memory(base, vocab: int, samples: int, tokens: int) -> dict:
+    """Peak RSS of a fresh process generating with a rollout worker of vocabulary ``vocab``."""
+    from megatron_bar.convert.hf_io import hf_config_from_model_config
+    from megatron_bar.model.config import ModelConfig
+
+    cfg = ModelConfig.load(base).with_(vocab_size=vocab)
+    hf = hf_config_from_model_config(cfg, torch.float32)
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, json.dumps([hf, samples, tokens, 1])],
+                          check=True, capture_output=True, text=True, cwd=REPO)
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    positions = m["width"] + tokens
+    kv_bytes = 2 * cfg.num_layers * samples * positions * cfg.num_kv_heads * cfg.head_dim * 4
+    growth = m["peak"] - m["before"]
+    return {"vocab": vocab, "samples": samples, "tokens": tokens, "model_mb": m["model_bytes"] / 2**20,
+            "kv_cache_mb": kv_bytes / 2**20, "peak_rss_mb": m["peak"] / 2**20,
+            "rss_before_model_mb": m["before"] / 2**20, "peak_growth_mb": growth / 2**20,
+            "growth_over_model_and_kv": growth / (m["model_bytes"] + kv_bytes),
+            "stacked_logits_mb": samples * tokens * vocab * 4 / 2**20}
 
 
 def main():
@@ -66,19 +124,43 @@ def main():
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--mem-vocab", type=int, default=100352)
+    p.add_argument("--mem-samples", type=int, default=64)
+    p.add_argument("--mem-tokens", type=int, default=512)
+    p.add_argument("--memory-only", action="store_true")
     args = p.parse_args()
     from megatron_bar.demo.tiny import build_tiny_base
 
+    result = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = build_tiny_base(Path(tmp) / "tiny")["bar2"]
-        one = rollout_tokens_per_s(base, 1, args.prompts, args.samples, args.tokens, args.rounds)
-        two = rollout_tokens_per_s(base, 2, args.prompts, args.samples, args.tokens, args.rounds)
-        share = generation_share(base, Path(tmp))
-    print("| workers | rollout tokens/s |\n|---|---|")
-    print(f"| 1 | {one:,.0f} |\n| 2 | {two:,.0f} |")
-    print(f"generation share of an RLVR step: {share:.1%}")
-    print(json.dumps({"tokens_per_s_1_worker": round(one, 1), "tokens_per_s_2_workers": round(two, 1),
-                      "ratio": round(two / one, 3), "generation_share": round(share, 3)}))
+        mem = worker_peak_memory(base, args.mem_vocab, args.mem_samples, args.mem_tokens)
+        print(f"rollout worker, vocab {mem['vocab']}, {mem['samples']} samples x {mem['tokens']} tokens: "
+              f"peak RSS {mem['peak_rss_mb']:.0f} MB, {mem['peak_growth_mb']:.0f} MB above the process "
+              f"before the model ({mem['rss_before_model_mb']:.0f} MB); model {mem['model_mb']:.0f} MB + "
+              f"KV cache {mem['kv_cache_mb']:.0f} MB -> {mem['growth_over_model_and_kv']:.2f}x "
+              f"(bound 2x); stacked [n, T, V] logits would be {mem['stacked_logits_mb']:,.0f} MB each")
+        result.update({f"mem_{k}": round(v, 3) if isinstance(v, float) else v for k, v in mem.items()})
+        if not args.memory_only:
+            one, first_sync = rollout_tokens_per_s(base, 1, args.prompts, args.samples, args.tokens, args.rounds)
+            two, _ = rollout_tokens_per_s(base, 2, args.prompts, args.samples, args.tokens, args.rounds)
+            sync = step_shares(base, Path(tmp), 0)
+            ahead = step_shares(base, Path(tmp), 1)
+            print("| workers | rollout tokens/s |\n|---|---|")
+            print(f"| 1 | {one:,.0f} |\n| 2 | {two:,.0f} |")
+            print(f"synchronous step: {sync['step_s']:.2f} s, generation {sync['generation_share']:.1%}, "
+                  f"weight sync {sync['sync_share']:.1%}; async_steps 1: {ahead['step_s']:.2f} s "
+                  f"({ahead['step_s'] / sync['step_s']:.2f}x)")
+            print(f"bytes per sync: first (whole model) {first_sync['bytes']:,} in "
+                  f"{first_sync['seconds']:.3f} s; a training step's {sync['sync_bytes']:,.0f}")
+            result.update({
+                "tokens_per_s_1_worker": round(one, 1), "tokens_per_s_2_workers": round(two, 1),
+                "ratio": round(two / one, 3), "generation_share": round(sync["generation_share"], 3),
+                "sync_share": round(sync["sync_share"], 3), "first_sync_bytes": first_sync["bytes"],
+                "first_sync_s": round(first_sync["seconds"], 4), "sync_bytes": round(sync["sync_bytes"]),
+                "step_s_sync": round(sync["step_s"], 3), "step_s_async": round(ahead["step_s"], 3),
+                "async_over_sync": round(ahead["step_s"] / sync["step_s"], 3)})
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ given its address (``rl.ray_address``, e.g. the head that ``slurm/math_rlvr.sh``
 Workers are placed by a placement group (one bundle per worker, spread over nodes where
 there are several) and restarted by Ray when they die; the fleet then pushes the current
 weights to the new process and retries the lost share of the rollout. Every wait has a
-timeout that ends in a clear error - nothing hangs.
+timeout that ends in a clear error - nothing hangs. Weight pushes send only the tensors
+that changed since the last one, bucket by bucket (:meth:`RolloutFleet.push_weights`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from dataclasses import dataclass
 from megatron_bar.utils.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def _same(a, b) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(a.eq(b).all())
 
 
 class RolloutError(UserError):
@@ -37,6 +42,7 @@ class FleetConfig:
     timeout_s: float = 600.0  # any single wait on a worker
     max_retries: int = 2  # per rollout share, after a worker died
     max_restarts: int = 4  # per worker, by Ray
+    sync_bucket_mb: float = 256.0  # weight sync: changed tensors go out in buckets of about this size
 
 
 class RolloutFleet:
@@ -81,9 +87,10 @@ class RolloutFleet:
             ).remote(hf_config, cfg.threads_per_worker)
             for i in range(cfg.num_workers)
         ]
-        self._weights_ref = None
+        self._pushed: dict = {}  # what every worker holds: a copy of the last push, by HF key
         self.version = -1
         self.restarts_seen = 0
+        self.last_sync: dict = {}  # bytes / tensors / buckets / seconds of the last push
 
     # -- waiting -------------------------------------------------------------------------
 
@@ -108,23 +115,55 @@ class RolloutFleet:
             except self._ray.exceptions.GetTimeoutError:
                 raise RolloutError(f"rollout worker {i} did not come back") from None
         self.restarts_seen += 1
-        if self._weights_ref is not None:
-            self._wait(self.workers[i].set_weights.remote(self._weights_ref, self.version),
-                       f"re-sending weights to restarted worker {i}")
+        if self._pushed:
+            self._send(self._pushed, [i], self.version, f"re-sending weights to restarted worker {i}")
         log.warning("rollout worker %d was restarted and has the weights of version %d", i, self.version)
 
     # -- the interface -------------------------------------------------------------------
 
+    def _buckets(self, state: dict) -> list[dict]:
+        limit = self.cfg.sync_bucket_mb * 2**20
+        buckets, size = [{}], 0
+        for key, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if buckets[-1] and size + nbytes > limit:
+                buckets.append({})
+                size = 0
+            buckets[-1][key] = tensor
+            size += nbytes
+        return buckets
+
+    def _send(self, state: dict, workers: list[int], version: int, what: str) -> list[int]:
+        """``state`` to ``workers``, one bucket in the object store at a time (each worker
+        copies it into its model in place); the workers that died on the way."""
+        dead: set[int] = set()
+        for bucket in self._buckets(state):
+            ref = self._ray.put(bucket)
+            refs = {i: self.workers[i].update_weights.remote(ref, version) for i in workers if i not in dead}
+            for i, r in refs.items():
+                try:
+                    self._wait(r, f"{what} (worker {i})")
+                except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
+                    dead.add(i)
+            del ref
+        return sorted(dead)
+
     def push_weights(self, hf_state: dict, version: int) -> None:
-        """One copy into the object store; every worker loads it."""
-        self._weights_ref = self._ray.put(hf_state)
+        """Only the tensors that changed since the last push go to the workers (in BAR's
+        RLVR the anchor expert never does), in buckets of ``sync_bucket_mb`` through the
+        object store; the fleet keeps a copy of what it pushed, to compare against and to
+        give a restarted worker the whole model."""
+        t0 = time.perf_counter()
+        changed = {k: v for k, v in hf_state.items() if k not in self._pushed or not _same(v, self._pushed[k])}
         self.version = version
-        refs = {i: w.set_weights.remote(self._weights_ref, version) for i, w in enumerate(self.workers)}
-        for i, ref in refs.items():
-            try:
-                self._wait(ref, f"sending weights to worker {i}")
-            except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
-                self._revive(i)
+        dead = self._send(changed, list(range(len(self.workers))), version, "sending weights")
+        for k, v in changed.items():
+            self._pushed[k] = v.detach().clone()
+        for i in dead:  # _revive sends the whole model, as just pushed
+            self._revive(i)
+        self.last_sync = {"bytes": sum(v.numel() * v.element_size() for v in changed.values()),
+                          "tensors": len(changed), "tensors_unchanged": len(hf_state) - len(changed),
+                          "buckets": len(self._buckets(changed)), "seconds": time.perf_counter() - t0}
 
     def generate(self, prompts: list[list[int]], samples_per_prompt: int, temperature: float,
                  max_new_tokens: int, eos_id: int, pad_id: int, seed: int,

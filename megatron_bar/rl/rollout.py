@@ -3,7 +3,10 @@
 The policy is a transformers model (Olmo 2 or FlexOlmo) built from the trainer's
 ``ModelConfig``; it generates with the KV cache, samples at the configured temperature,
 and reports each sampled token's log-probability under the sampling distribution (what
-the trainer's importance correction compares against). Weights arrive in the HF layout
+the trainer's importance correction compares against). Those log-probs are taken one
+decoding step at a time (:class:`SampledLogprobs`): the worker never holds more than one
+step's ``[n, V]`` scores, so its memory does not grow with the response length times the
+vocabulary. Weights arrive in the HF layout
 (:mod:`megatron_bar.rl.weights`), through Ray's object store when run as an actor.
 """
 
@@ -16,6 +19,7 @@ import torch
 
 from megatron_bar.rl.grpo import token_entropy
 
+_ENTROPY_ROWS = 8
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -88,10 +92,71 @@ class _RoutingRecorder:
         return torch.stack(per_layer).clone()
 
 
+class SampledLogprobs:
+    """A transformers logits processor that is the sampling temperature and keeps, per
+    decoding step, only what the rollout reports: each sequence's log-prob of the token
+    it sampled and the entropy of the distribution it sampled from.
+
+    ``generate`` calls it once per step with that step's ``[n, V]`` scores; the token
+    sampled from them is known only at the next call (the last column of ``input_ids``),
+    so one step's log-softmax is held until then and :meth:`finish` gathers the last one.
+    Generation runs with ``temperature=1`` and no other warper, so the distribution
+    sampled from is exactly ``softmax(scores / temperature)`` as returned here."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.logprobs: list[torch.Tensor] = []  # one [n] per step
+        self.entropy: list[torch.Tensor] = []
+        self._pending: torch.Tensor | None = None  # the last step's log-softmax [n, V]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:
+            self._take(input_ids[:, -1])
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores.div_(self.temperature)  # generate's own float copy: no second [n, V]
+        self._pending = torch.log_softmax(scores, -1)
+        # entropy a few rows at a time: its temporaries stay a fraction of one [n, V]
+        self.entropy.append(torch.cat([token_entropy(rows) for rows in scores.split(_ENTROPY_ROWS)]))
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.logprobs.append(self._pending.gather(-1, tokens[:, None].to(self._pending.device)).squeeze(-1))
+        self._pending = None
+
+    def finish(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs, entropy)``, each ``[n, T]`` for the ``T`` generated tokens."""
+        if self._pending is not None:
+            self._take(new_tokens[:, -1])
+        if len(self.logprobs) != new_tokens.size(1):
+            raise RuntimeError(f"{len(self.logprobs)} decoding steps seen for {new_tokens.size(1)} tokens")
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
+
+
+def _return_large_blocks_to_the_os(threshold: int = 128 << 10) -> None:
+    """Allocations above ``threshold`` bytes from their own mmap, freed back to the OS.
+
+    Decoding allocates one step's ``[n, V]`` scores and a KV cache that grows by
+    concatenation at every step. glibc raises its mmap threshold after the first large
+    free (up to 32 MB), so later such blocks come from the heap, where the cache's growing
+    blocks fragment it and the process keeps gigabytes it no longer uses. A fixed
+    threshold (glibc's mallopt M_MMAP_THRESHOLD, which also stops the raising) keeps the
+    peak at what is live. No-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class RolloutWorker:
     """Generation on one copy of the policy. Plain class; the fleet wraps it as a Ray actor."""
 
     def __init__(self, hf_config: dict, threads: int | None = None):
+        _return_large_blocks_to_the_os()
         if threads:
             torch.set_num_threads(threads)
         self.model = _build_hf_model(hf_config)
@@ -101,9 +166,44 @@ class RolloutWorker:
         return os.getpid()
 
     def set_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> int:
+        """The whole model at once (every tensor must be there)."""
         self.model.load_state_dict(to_transformers_layout(hf_state, self.model), strict=True)
         self.version = version
         return version
+
+    @torch.no_grad()
+    def update_weights(self, part: dict[str, torch.Tensor], version: int) -> int:
+        """Some of the model's tensors, in the saved HF layout, copied into the model in
+        place (a fused FlexOlmo expert tensor takes one expert's projection at a time);
+        the rest keep what they had. The weight sync's buckets arrive this way."""
+        targets = self._targets()
+        unknown = [k for k in part if k not in targets]
+        if unknown:
+            raise KeyError(f"weights for the rollout model: unknown tensor {unknown[0]!r}")
+        for key, tensor in part.items():
+            targets[key].copy_(tensor)
+        self.version = version
+        return version
+
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """HF key -> the view of this model's own storage that tensor goes into."""
+        if getattr(self, "_target_views", None) is None:
+            views = {}
+            for key, t in self.model.state_dict(keep_vars=False).items():
+                m = _FUSED_EXPERTS.match(key)
+                if not m:
+                    views[key] = t
+                    continue
+                prefix, kind = m.groups()
+                for e in range(t.size(0)):
+                    if kind == "gate_up_proj":
+                        half = t.size(1) // 2
+                        views[f"{prefix}.{e}.gate_proj.weight"] = t[e, :half]
+                        views[f"{prefix}.{e}.up_proj.weight"] = t[e, half:]
+                    else:
+                        views[f"{prefix}.{e}.down_proj.weight"] = t[e]
+            self._target_views = views
+        return self._target_views
 
     @torch.no_grad()
     def generate(
@@ -135,9 +235,13 @@ class RolloutWorker:
         for i, p in enumerate(expanded):  # left padding: generation continues at the right
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention[i, width - len(p):] = 1
+        from transformers import LogitsProcessorList
+
         greedy = temperature == 0
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
+        # the temperature is applied by SampledLogprobs, not by generate's own warper
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0,
                                                          "top_k": 0, "top_p": 1.0}
+        steps = SampledLogprobs(1.0 if greedy else temperature)
         recorder = _RoutingRecorder(self.model) if record_routing else None
         try:
             out = self.model.generate(
@@ -147,16 +251,14 @@ class RolloutWorker:
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_id,
                 pad_token_id=pad_id,
-                output_logits=True,
+                logits_processor=LogitsProcessorList([steps]),
                 return_dict_in_generate=True,
             )
         finally:
             if recorder is not None:
                 recorder.remove()
         new_tokens = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float() / (1.0 if greedy else temperature)  # [n, T, V]
-        logprobs = torch.log_softmax(logits, -1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        entropy = token_entropy(logits)  # [n, T]
+        logprobs, entropy = steps.finish(new_tokens)  # [n, T] each
         results = []
         for i in range(len(expanded)):
             tokens = new_tokens[i].tolist()

@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,9 @@ class RLConfig:
     kl_beta: float = 0.0  # k3 KL to the starting policy; 0 = off (the recipe)
     tis_cap: float = 2.0  # truncated importance sampling: rollout vs trainer log-probs
     minibatches: int = 1  # optimizer steps per rollout (open-instruct num_mini_batches; 1 = on-policy)
+    # 1: the next rollout is generated (by the weights before this step's update) while the
+    # trainer trains on the last one (open-instruct's --async_steps 1); 0: synchronous
+    async_steps: int = 0
     # responses cut at max_response_tokens: none (kept) | mask (out of the loss) | penalty (DAPO soft)
     overlong: str = "none"
     overlong_buffer: int | None = None  # penalty: over the last N tokens (None: max_response_tokens // 4)
@@ -93,6 +97,7 @@ class RLConfig:
     eval_datasets: list[RLDatasetConfig] = field(default_factory=list)  # held-out, as rl.datasets
     eval_samples: int = 4  # pass@k: k samples per prompt at rl.temperature
     routing_replay: bool = False  # MoE: the trainer routes each token to the rollout's experts (R3)
+    engine: str = "transformers"  # the rollout workers' generation engine (the only one built)
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -101,6 +106,7 @@ class RLConfig:
     timeout_s: float = 600.0
     reward_workers: int = 2  # processes scoring rollouts (code rewards' programs run side by side)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    sync_bucket_mb: float = 256.0  # weight sync: changed tensors go to the workers in buckets of this size
 
 
 @dataclass
@@ -118,6 +124,11 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError(f"rl.reward_workers must be >= 0, got {self.rl.reward_workers}")
         if self.rl.minibatches < 1:
             raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
+        _check_engine(self.rl.engine)
+        if self.rl.async_steps not in (0, 1):
+            raise ConfigError(f"rl.async_steps must be 0 or 1, got {self.rl.async_steps}")
+        if not self.rl.sync_bucket_mb > 0:
+            raise ConfigError(f"rl.sync_bucket_mb must be positive, got {self.rl.sync_bucket_mb}")
         if self.rl.loss_agg not in ("token-mean", "seq-mean-token-mean"):
             raise ConfigError(f"rl.loss_agg {self.rl.loss_agg!r}: token-mean or seq-mean-token-mean")
         if self.rl.advantage not in ("grpo", "drgrpo", "rloo"):
@@ -182,6 +193,31 @@ def validate_rl_settings(rl: RLConfig) -> None:
             raise ConfigError(f"rl.datasets[{i}].reward: {e}") from None
     if sum(d.weight for d in rl.datasets) <= 0:
         raise ConfigError("rl.datasets: the weights must have a positive sum")
+
+
+# vLLM and megatron-core's inference engine are where a GPU rollout engine would go; neither
+# is wired into the rollout workers yet, so naming one is an error before any work starts.
+_PLANNED_ENGINES = {"vllm": ("vllm", "pip install vllm"),
+                    "megatron": ("megatron.core.inference", "pip install megatron-core")}
+
+
+def _check_engine(engine: str) -> None:
+    import importlib.util
+
+    if engine == "transformers":
+        return
+    if engine not in _PLANNED_ENGINES:
+        raise ConfigError(f"rl.engine {engine!r}: transformers (vllm and megatron are not built yet)")
+    module, install = _PLANNED_ENGINES[engine]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ConfigError(f"rl.engine {engine!r} is not installed ({install}); and the rollout "
+                          f"workers do not drive it yet: use rl.engine transformers")
+    raise ConfigError(f"rl.engine {engine!r}: installed, but the rollout workers do not drive it yet; "
+                      f"use rl.engine transformers")
 
 
 # -- prompts ------------------------------------------------------------------------------
@@ -483,7 +519,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             hf_config_from_model_config(model_cfg, torch.float32),
             FleetConfig(num_workers=rl.num_workers, cpus_per_worker=rl.cpus_per_worker,
                         gpus_per_worker=rl.gpus_per_worker, threads_per_worker=rl.threads_per_worker,
-                        ray_address=rl.ray_address, timeout_s=rl.timeout_s),
+                        ray_address=rl.ray_address, timeout_s=rl.timeout_s,
+                        sync_bucket_mb=rl.sync_bucket_mb),
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
@@ -491,12 +528,13 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         (out_dir / "rollout_workers.json").write_text(json.dumps({"pids": fleet.worker_pids()}))
     from megatron_bar.rl.weights import gather_hf_state_dict
 
-    def push(version):
+    def push(version) -> tuple[float, int]:
+        """Seconds the sync took and bytes it sent (rank 0; 0 elsewhere)."""
         t0 = time.perf_counter()
         state = gather_hf_state_dict(model, model_cfg)
         if rank0:
             fleet.push_weights(state, version)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, fleet.last_sync["bytes"] if rank0 else 0
 
     push(step)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -520,15 +558,28 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         return evaluate(fleet, dict(zip(_eval_names(rl.eval_datasets), eval_pools)), score_fn, rl,
                         tokenizer.eos_id, tokenizer.pad_id, seed=cfg.train.seed * 100003 + 7 * at_step + 5)
 
+    def collect(at_step):  # rank 0; the prompts and seeds depend on the step alone
+        rollouts, stats = collect_rollouts(generate_round, score_fn, rl, seed=cfg.train.seed * 100003 + at_step)
+        stats["worker_restarts"] = fleet.restarts_seen
+        stats["rollout_policy_version"] = fleet.version
+        return rollouts, stats
+
+    # rl.async_steps 1: a thread on rank 0 collects step s+1's rollouts (generation on the
+    # fleet, scoring here) while the ranks train on step s's. The weights of s+1 are pushed
+    # once that collection is done, so a step's rollout comes from one policy: the one
+    # before the previous update. After a resume the first step is collected on-policy.
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead") if rank0 and rl.async_steps else None
+    pending: Future | None = None
     metrics = MetricsLogger(out_dir, total_steps, start_step=step, enabled=rank0)
     try:
         if rl.eval_interval and step == 0:  # the starting policy, the curve's first point
             metrics.log(0, run_eval(0), tokens=0, print_line=False)
         while step < total_steps:
+            t_step = time.perf_counter()
             rollouts, stats = None, {}
             if rank0:
-                rollouts, stats = collect_rollouts(generate_round, score_fn, rl, seed=cfg.train.seed * 100003 + step)
-                stats["worker_restarts"] = fleet.restarts_seen
+                rollouts, stats = collect(step) if pending is None else pending.result()
+                pending = ahead.submit(collect, step + 1) if ahead and step + 1 < total_steps else None
             rollouts, stats = _broadcast((rollouts, stats))
 
             t1 = time.perf_counter()
@@ -539,13 +590,17 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             scheduler.step(increment=1)
             t_train = time.perf_counter() - t1
             step += 1
-            t_sync = push(step)
+            if pending is not None:  # the next rollout is generated by the weights it started with
+                wait([pending])
+            t_sync, sync_bytes = push(step)
             if rl.eval_interval and (step % rl.eval_interval == 0 or step == total_steps):
                 stats.update(run_eval(step))
             n_tokens = sum(len(r.prompt) + len(r.completion) for r in rollouts)
             metrics.log(step, {**stats, **update, "loss": update.get("loss", 0.0),
                                "lr": optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0,
                                "time_training_s": t_train, "time_weight_sync_s": t_sync,
+                               "weight_sync_bytes": sync_bytes, "time_step_s": time.perf_counter() - t_step,
+                               "rollout_policy_lag": step - 1 - stats["rollout_policy_version"],
                                "samples_trained": len(rollouts)},
                         tokens=n_tokens, print_line=False)
             if rank0 and (step % cfg.train.log_interval == 0 or step == total_steps):
@@ -566,6 +621,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             # raises Preempted (exit 75): the finally below still shuts the fleet down
             preempt.end_of_step(step, total_steps, cfg.checkpoint.interval, save)
     finally:
+        if ahead is not None:
+            ahead.shutdown(wait=True, cancel_futures=True)
         metrics.close()
         if reward_pool is not None:
             reward_pool.close()
@@ -602,13 +659,18 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
     vocab = model_cfg.vocab_size
     before_forward = None if replay is None else (lambda mb: replay.set(mb.routing))
 
-    # The policy that generated: the trainer's own log-probs before the update.
     every = [mb for group in minibatches for mb in group]
-    # (vocab-parallel: from each rank's shard of the logits, never a full vocabulary row)
-    for mb, logprobs in zip(every, forward_logprobs(ddp, every, vocab, rl.temperature,
-                                                    before_forward=before_forward)):
-        mb.old_logprobs = logprobs
-    gap = _rollout_gap(every)
+    # The old policy (the ratio's denominator) is the trainer's own log-probs before the
+    # update. On-policy with one update (the rollout came from these very weights, and no
+    # earlier minibatch moved them) they are the update's own log-probs, detached: the
+    # separate forward pass over the whole rollout is skipped and the loss takes them
+    # from its own forward (ratio 1, the same loss and gradient).
+    on_policy = n_mb == 1 and rl.async_steps == 0
+    if not on_policy:
+        # (vocab-parallel: from each rank's shard of the logits, never a full vocabulary row)
+        for mb, logprobs in zip(every, forward_logprobs(ddp, every, vocab, rl.temperature,
+                                                        before_forward=before_forward)):
+            mb.old_logprobs = logprobs
     if ref_model is not None:
         for mb, logprobs in zip(every, forward_logprobs(ref_model, every, vocab, rl.temperature)):
             mb.ref_logprobs = logprobs
@@ -618,6 +680,8 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
     def loss_fn(logits, mb, out):
         device = logits.device
         logprobs = token_logprobs(logits, mb.labels.to(device), vocab, rl.temperature)
+        if on_policy:
+            mb.old_logprobs = logprobs.detach()
         mask = mb.loss_mask.to(device)
         loss, m = policy_loss(
             logprobs, mb.old_logprobs.to(device), mb.advantages.to(device), mask,
@@ -651,6 +715,7 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
         grad_norms.append(float(grad_norm or 0.0))
     if replay is not None:
         replay.clear()
+    gap = _rollout_gap(every)
     weight = sum(c["count"] for c in collected) or 1.0
     avg = {k: sum(c[k] * c["count"] for c in collected) / weight
            for k in ("clip_frac", "clip_frac_dual", "ratio_mean") if collected and k in collected[0]}

@@ -97,6 +97,18 @@ def test_full_microbatches_pad_with_rows_that_carry_no_loss():
     assert [len(mb.tokens) for mb in to_microbatches(rollouts, 6, 2, pad_id=3)] == [2, 1]
 
 
+def test_vllm_engine_not_installed_says_how(monkeypatch):
+    import importlib.util
+
+    from megatron_bar.rl.trainer import _check_engine
+    from megatron_bar.train.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"rl.engine 'vllm' is not installed \(pip install vllm\)"):
+        _check_engine("vllm")
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("advantage", "ppo", "rl.advantage"),
     ("clip_ratio_c", 1.0, "rl.clip_ratio_c"),
@@ -105,6 +117,10 @@ def test_full_microbatches_pad_with_rows_that_carry_no_loss():
     ("dynamic_sampling_max_rounds", 0, "rl.dynamic_sampling_max_rounds"),
     ("eval_interval", 2, "rl.eval_datasets is empty"),
     ("eval_samples", 0, "rl.eval_samples"),
+    ("async_steps", 2, "rl.async_steps"),
+    ("sync_bucket_mb", 0, "rl.sync_bucket_mb"),
+    ("engine", "sglang", "rl.engine 'sglang': transformers"),
+    ("engine", "megatron", "rl.engine 'megatron': installed, but"),
 ])
 def test_bad_keys_are_clear_errors(key, value, message):
     from megatron_bar.train.config import ConfigError

@@ -1,5 +1,6 @@
 """The Ray rollout fleet: weights pushed from the megatron trainer reproduce its
-log-probs in the workers; a killed worker is restarted and gets the weights back; every
+log-probs in the workers; a later push sends only the tensors that changed, in buckets,
+and the workers again reproduce the trainer; a killed worker is restarted and gets the weights back; every
 wait ends in a clear error instead of hanging."""
 
 import os
@@ -53,7 +54,52 @@ def test_pushed_weights_reproduce_trainer_logprobs(policy, fleet):
             assert (got - expected).abs().max().item() <= 1e-4
 
 
+def test_second_push_sends_only_what_changed(policy, fleet):
+    """After a push, a second push of a policy whose non-anchor experts moved sends only
+    those tensors (the anchor, embeddings and attention are unchanged and skipped), and
+    both workers then reproduce the trainer's log-probs again."""
+    first = fleet.last_sync
+    assert first["tensors_unchanged"] == 0 and first["bytes"] > 0
+    fleet.push_weights(gather_hf_state_dict(policy.gpt, policy.config), version=2)
+    assert fleet.last_sync["tensors"] == 0 and fleet.last_sync["bytes"] == 0
+    with torch.no_grad():
+        for name, p in policy.gpt.named_parameters():
+            if "local_experts.1" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    state = gather_hf_state_dict(policy.gpt, policy.config)
+    expected_keys = [k for k in state if ".experts.1." in k]
+    fleet.push_weights(state, version=3)
+    sync = fleet.last_sync
+    assert expected_keys and sync["tensors"] == len(expected_keys)
+    assert sync["bytes"] == sum(state[k].numel() * 4 for k in expected_keys) < first["bytes"] / 2
+    rollouts = fleet.generate([PROMPT], 2, 1.0, 10, eos_id=2, pad_id=3, seed=5)
+    for r in rollouts:
+        expected = trainer_logprobs(policy, PROMPT, r["tokens"])
+        assert (torch.tensor(r["logprobs"]) - expected).abs().max().item() <= 1e-4
+        for worker in (0, 1):
+            got = torch.tensor(fleet.logprobs(worker, PROMPT, r["tokens"]))
+            assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_buckets_split_a_push(policy, fleet):
+    original = fleet.cfg.sync_bucket_mb
+    fleet.cfg.sync_bucket_mb = 0.01
+    try:
+        with torch.no_grad():
+            for name, p in policy.gpt.named_parameters():
+                if "local_experts.1" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        fleet.push_weights(gather_hf_state_dict(policy.gpt, policy.config), version=4)
+        assert fleet.last_sync["buckets"] > 1
+    finally:
+        fleet.cfg.sync_bucket_mb = original
+    r = fleet.generate([PROMPT], 2, 1.0, 10, eos_id=2, pad_id=3, seed=6)[-1]
+    got = torch.tensor(fleet.logprobs(1, PROMPT, r["tokens"]))
+    assert (got - trainer_logprobs(policy, PROMPT, r["tokens"])).abs().max().item() <= 1e-4
+
+
 def test_killed_worker_is_restarted_with_the_weights(policy, fleet):
+    # after the delta pushes above: the restarted process gets the whole model
     pid = fleet.worker_pids()[1]
     os.kill(pid, signal.SIGKILL)
     rollouts = fleet.generate([PROMPT] * 4, 2, 1.0, 8, eos_id=2, pad_id=3, seed=1)
