@@ -19,6 +19,7 @@ from megatron_bar.train.config import load_config
 from megatron_bar.train.trainer import setup_training
 
 REAL_FORWARD_BACKWARD = rl_trainer.forward_backward
+REAL_FORWARD_LOGPROBS = rl_trainer.forward_logprobs
 CONFIG = Path(__file__).resolve().parents[2] / "examples/configs/tiny/rlvr_digits.yaml"
 
 
@@ -39,14 +40,18 @@ def _one_update(tiny_base, tmp_path, monkeypatch, async_steps):
     model = build_model(model_cfg, calculate_per_token_loss=True)
     load_weights(model, model_cfg, cfg.model.load)
     run = setup_training(cfg, model, model_cfg, 1, None)
-    passes = []
-    real = REAL_FORWARD_BACKWARD
+    passes = []  # True: a forward-only pass over the rollout; False: a training pass
 
     def counting(*args, **kwargs):
         passes.append(kwargs.get("forward_only", False))
-        return real(*args, **kwargs)
+        return REAL_FORWARD_BACKWARD(*args, **kwargs)
+
+    def counting_logprobs(*args, **kwargs):
+        passes.append(True)
+        return REAL_FORWARD_LOGPROBS(*args, **kwargs)
 
     monkeypatch.setattr(rl_trainer, "forward_backward", counting)
+    monkeypatch.setattr(rl_trainer, "forward_logprobs", counting_logprobs)
     result = _update(run.ddp, model, run.optimizer, run.router_rows, None, _rollouts(model_cfg.vocab_size),
                      model_cfg, cfg.rl, 16, cfg.train.micro_batch_size, 0, 1, 3)
     weights = {k: v.detach().clone() for k, v in model.named_parameters()}
