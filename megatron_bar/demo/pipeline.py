@@ -91,7 +91,7 @@ class DemoSettings:
             quick=True, seed=seed,
             spec=TinyModelSpec(vocab_size=480, hidden_size=64, intermediate_size=128, num_layers=2,
                                num_attention_heads=4, num_kv_heads=2, max_position_embeddings=512),
-            sizes=D.DataSizes(sft=96, rl=32, test=16, midtrain=64, pretrain=400),
+            sizes=D.DataSizes(sft=96, rl=32, test=16, dev=16, midtrain=64, pretrain=400),
             pretrain_steps=30, base_sft_steps=8, midtrain_steps=0, sft_steps=12, rl_steps=2, router_epochs=1.0,
             btx=False, baseline_rl=False,
             router_fraction=0.2, rl_prompts=4, rl_samples=4, rl_max_tokens=16, eval_max_new_tokens=32, eval_cost=8,
@@ -460,7 +460,8 @@ def run_demo(s: DemoSettings, out: Path, overwrite: bool = False, console=None, 
     evaluated = {row: json.loads(path.read_text()) for row, path in plan.eval_files.items()}
     table = {row: e["scores"] for row, e in evaluated.items()}
     samples = {row: e["samples"] for row, e in evaluated.items()}
-    claims = report.check_claims(table)
+    changes = [e["topk_change"] for e in evaluated.values() if "topk_change" in e]
+    claims = report.check_claims(table, changes[0] if changes else None)
     tokenizer = load_tokenizer(p.ckpt("pretrain") / "tokenizer")
     per_domain = {d: [j for j in plan.cost_groups["BAR"] if j.startswith(f"bar_{d}_")] for d in D.DOMAINS}
     cost = report.cost_table(plan.cost_groups, p.stages, tokenizer, per_domain, plan.router_job)

@@ -10,7 +10,7 @@ from megatron_bar.demo import domains as D
 from megatron_bar.eval import load_suites
 from megatron_bar.eval.runner import _score
 
-SMALL = D.DataSizes(sft=40, rl=16, test=12, midtrain=8, pretrain=20)
+SMALL = D.DataSizes(sft=40, rl=16, test=12, dev=10, midtrain=8, pretrain=20)
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +29,19 @@ def test_same_seed_same_bytes_other_seed_other_data(data, tmp_path):
     assert other["sft/math"].read_bytes() != paths["sft/math"].read_bytes()
 
 
-def test_test_prompts_are_held_out(data):
+def test_test_and_dev_prompts_are_held_out_and_disjoint(data):
     out, paths = data
-    test = {m["messages"][-1]["content"] for k, p in paths.items() if k.startswith("test/")
-            for m in map(json.loads, p.read_text().splitlines())}
+
+    def prompts(split):
+        return {m["messages"][-1]["content"] for k, p in paths.items() if k.startswith(f"{split}/")
+                for m in map(json.loads, p.read_text().splitlines())}
+
+    test, dev = prompts("test"), prompts("dev")
     trained = {m["messages"][-1 if k.startswith("rl/") else -2]["content"]
                for k, p in paths.items() if k.startswith(("sft/", "rl/"))
                for m in map(json.loads, p.read_text().splitlines())}
-    assert len(test) == SMALL.test * 5
-    assert not test & trained
+    assert len(test) == SMALL.test * 5 and len(dev) == SMALL.dev * 5
+    assert not test & trained and not dev & trained and not test & dev
 
 
 def test_tool_calls_use_tokens_the_base_vocabulary_lacks(data):
