@@ -48,6 +48,7 @@ __all__ = [
     "checkpoint_dtype",
     "check_checkpoint_files",
     "TOKENIZER_SUBDIR",
+    "to_transformers",
 ]
 
 
@@ -166,3 +167,18 @@ def mcore_to_hf(load_dir: str | Path, save_dir: str | Path, max_shard_bytes: int
         copy_tokenizer_files(load_dir / TOKENIZER_SUBDIR, tmp)
     log.info("exported %s -> %s (%s)", load_dir, save_dir, dtype_name(out_dtype))
     return cfg
+
+
+def to_transformers(model, dtype: torch.dtype = torch.float32):
+    """A transformers copy (``Olmo2ForCausalLM`` / ``FlexOlmoForCausalLM``, eval mode) of
+    a loaded :class:`megatron_bar.model.load.CausalLM`, in memory, with the export's key
+    map and config (its top-k included): what :func:`mcore_to_hf` would write, without
+    the disk. For decoding with transformers' KV cache (evaluation of many prompts)."""
+    from megatron_bar.rl.rollout import _build_hf_model, to_transformers_layout
+    from megatron_bar.rl.weights import gather_hf_state_dict
+
+    cfg = model.config
+    hf_state = gather_hf_state_dict(model.gpt, cfg)
+    hf_model = _build_hf_model(hf_config_from_model_config(cfg, dtype))
+    hf_model.load_state_dict(to_transformers_layout(hf_state, hf_model), strict=True)
+    return hf_model.to(dtype).eval()

@@ -399,7 +399,7 @@ def add_eval_jobs(plan: Plan) -> None:
         def command(spec=spec, out=out):
             return python_module("megatron_bar.demo.report", "--row", json.dumps(_resolve_row(p, spec)),
                                  "--suites", p.data / "test", "--max-new-tokens", p.s.eval_max_new_tokens,
-                                 "--out", out)
+                                 "--out", out, "--score-cache", p.run / "eval" / "score_cache")
 
         p.graph.add(Job(f"eval_{slug}", command=command, deps=deps, cost=p.s.eval_cost,
                         label=f"evaluate {row}"))

@@ -11,9 +11,10 @@ Three kinds of model are accepted:
 * any other callable ``ids [b, s] -> logits [b, s, V]``: it cannot see a padding mask,
   so prompts are batched only with prompts of the same length (no padding at all).
 
-There is no KV cache: every step runs the whole sequence. The suites are short (prompts
-of tens of tokens, answers of at most ``max_new_tokens``), so this is cheap and has no
-cache to get wrong.
+A Hugging Face model decodes with its KV cache (:func:`_hf_cached_batch`): each step
+runs one token per row. The other kinds run the whole sequence at every step (no cache
+to get wrong, and the suites are short); for many prompts, evaluate a megatron model
+through its transformers copy (:func:`megatron_bar.convert.to_transformers`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ def greedy_generate(
     else:
         batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     results: list[list[int]] = [[] for _ in prompts]
+    if kind == "hf":
+        for batch in batches:
+            gen = _hf_cached_batch(model, [prompts[i] for i in batch], eos_id, pad_id, max_new_tokens, on)
+            for row, i in enumerate(batch):
+                tokens = gen[row]
+                results[i] = tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+        return results
     for batch in batches:
         width = max(len(prompts[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -115,3 +123,33 @@ def greedy_generate(
             tokens = gen[row]
             results[i] = tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
     return results
+
+
+def _hf_cached_batch(model, prompts: list[Sequence[int]], eos_id: int, pad_id: int, max_new_tokens: int,
+                     on: torch.device) -> list[list[int]]:
+    """Greedy decoding of one left-padded batch with the model's KV cache: the same
+    inputs, positions and masks as the uncached loop, one new token per row per step.
+    Rows that emitted EOS keep decoding (a cache cannot drop rows cheaply) but their
+    tokens after EOS are cut by the caller."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    real = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        real[row, width - len(p):] = True
+    ids, real = ids.to(on), real.to(on)
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    gen = torch.full((len(prompts), max_new_tokens), eos_id, dtype=torch.long)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    out = model(input_ids=ids, attention_mask=real.long(), position_ids=positions, use_cache=True)
+    for t in range(max_new_tokens):
+        nxt = out.logits[:, -1].float().argmax(-1)
+        gen[:, t] = nxt.cpu()
+        done |= gen[:, t] == eos_id
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        real = torch.cat([real, torch.ones(len(prompts), 1, dtype=torch.bool, device=on)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=real.long(), position_ids=positions,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return gen.tolist()

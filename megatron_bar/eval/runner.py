@@ -39,6 +39,32 @@ def _score(prompt: TestPrompt, completion: str) -> float:
     return value
 
 
+def load_score_cache(folder: str | Path) -> int:
+    """Add the verdicts saved by :func:`save_score_cache` under ``folder`` to this
+    process's cache; returns how many. Scorers are pure, so a verdict is reused only for
+    the same scorer, record and reply."""
+    n = 0
+    for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else ():
+        for scorer, record, completion, value in json.loads(path.read_text()):
+            with _CACHE_LOCK:
+                _SCORE_CACHE[(scorer, record, completion)] = value
+            n += 1
+    return n
+
+
+def save_score_cache(path: str | Path) -> None:
+    """Write this process's verdicts to ``path`` (atomically: a reader never sees half a file)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _CACHE_LOCK:
+        entries = [[*key, value] for key, value in _SCORE_CACHE.items()]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(entries))
+    os.replace(tmp, path)
+
+
 @dataclass
 class EvalResult:
     scores: dict[str, float]  # domain -> [0, 100], plus "general" and "overall"

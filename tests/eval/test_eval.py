@@ -104,3 +104,24 @@ def test_suite_errors_name_file_and_line(tmp_path):
         load_suites(d)
     with pytest.raises(SuiteError, match="no suite file"):
         load_suites(d, domains=["code"])
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_transformers_copy_gives_the_megatron_models_logits_and_replies(which, mcore_dense_dir, tiny_base):
+    import megatron_bar
+    from megatron_bar.convert import to_transformers
+
+    path = mcore_dense_dir if which == "dense" else tiny_base["bar2"]
+    model = megatron_bar.load_model(path, moe_topk=1 if which == "moe" else None)
+    if which == "moe":  # distinct experts and a router that prefers one per token
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "local_experts.1" in name or "router" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
+    copy = to_transformers(model)
+    prompts = _prompts(vocab=min(1001, model.config.vocab_size))
+    ids = torch.tensor([prompts[0]])
+    torch.testing.assert_close(copy(ids).logits, model(ids), atol=2e-5, rtol=1e-4)
+    eos = greedy_generate(model, prompts[:1], eos_id=-1, max_new_tokens=4)[0][2]
+    got = greedy_generate(copy, prompts, eos_id=eos, pad_id=1, max_new_tokens=10, batch_size=4)
+    assert got == greedy_generate(model, prompts, eos_id=eos, pad_id=1, max_new_tokens=10, batch_size=4)
