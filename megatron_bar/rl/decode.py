@@ -6,8 +6,8 @@ step's ``[n, V]`` scores to float32, and its processors and sampler each make an
 ``[n, V]``: at a 100k vocabulary and 64 samples those copies, not the model or its cache,
 set a rollout worker's peak memory. This loop asks the model for the last position's
 logits only (``logits_to_keep=1``, in the model's own dtype), and turns them into tokens,
-log-probs and entropies a few rows at a time (:func:`sample_rows`), so one ``[n, V]`` and
-one ``[rows, V]`` temporary are alive at once.
+log-probs and entropies a few rows at a time (:func:`sample_rows`), so one ``[n, V]`` and a
+few ``[rows, V]`` temporaries of at most ``SAMPLE_CHUNK_ELEMENTS`` each are alive at once.
 
 Left-padded prompts get the positions ``generate`` gives them (the attention mask's
 cumulative sum), a finished sequence is fed ``pad_id`` until every one is done, and the
@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-SAMPLE_ROWS = 8  # rows turned into probabilities at once: their temporaries stay [8, V]
+# elements of one [rows, V] temporary while sampling (4 MiB in float32): 10 rows at a 100k
+# vocabulary; a small vocabulary takes the whole batch at once rather than many small calls
+SAMPLE_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -34,12 +36,14 @@ class Decoded:
     entropy: torch.Tensor
 
 
-def sample_rows(logits: torch.Tensor, temperature: float, rows: int = SAMPLE_ROWS):
+def sample_rows(logits: torch.Tensor, temperature: float, rows: int | None = None):
     """One decoding step from ``[n, V]`` logits: ``(tokens, logprobs, entropy)``, each ``[n]``.
 
     A token is drawn from ``softmax(logits / temperature)`` (``torch.multinomial``, from the
     global generator); temperature 0 takes the argmax and reports under ``softmax(logits)``.
-    The rows are processed ``rows`` at a time, in float32."""
+    The rows are processed ``rows`` at a time (default: as many as fit
+    ``SAMPLE_CHUNK_ELEMENTS``), in float32."""
+    rows = rows or max(1, SAMPLE_CHUNK_ELEMENTS // logits.size(-1))
     tokens, logprobs, entropy = [], [], []
     for chunk in logits.split(rows):
         scores = chunk.float()
