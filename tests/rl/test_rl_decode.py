@@ -2,7 +2,8 @@
 decoding returns what ``generate`` returns (left-padded prompts of different lengths, EOS,
 fp32 and bf16); sampled tokens' log-probs and entropies equal those of one full forward
 over prompt + completion; the model is asked for one position's logits per step; the
-sampler draws from softmax(logits / T), and a seed fixes the draw."""
+sampler draws from softmax(logits / T) and allocates no more than a chunk of rows at once;
+a seed fixes the draw."""
 
 import copy
 
@@ -106,3 +107,21 @@ def test_sampler_draws_from_the_tempered_softmax():
     assert (freq - expected).abs().max().item() < 0.015
     assert torch.allclose(logprobs, expected.log()[tokens])
     assert torch.allclose(entropy, -(expected * expected.log()).sum().expand(len(tokens)))
+
+
+def test_sampling_allocates_a_chunk_of_rows_at_most(monkeypatch):
+    """No tensor the sampler makes is larger than one [rows, V] chunk in float32: the step's
+    [n, V] logits are never copied whole (what generate's float copy, softmax and
+    multinomial each did)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import megatron_bar.rl.decode as decode_module
+
+    n, vocab = 64, 4096
+    monkeypatch.setattr(decode_module, "SAMPLE_CHUNK_ELEMENTS", 8 * vocab)
+    logits = torch.randn(n, vocab)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tokens, _, _ = sample_rows(logits, 0.7)
+    allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert tokens.shape == (n,) and allocations
+    assert max(allocations) == 8 * vocab * 4  # one [8, V] float32; [n, V] would be 8x that
