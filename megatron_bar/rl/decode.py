@@ -1,13 +1,14 @@
 """Sampling from a transformers causal LM with the KV cache, keeping what a rollout reports
 and never more than one decoding step's logits.
 
-``generate`` asks the model for the logits of every prompt position at prefill, copies each
-step's ``[n, V]`` scores to float32, and its processors and sampler each make another
-``[n, V]``: at a 100k vocabulary and 64 samples those copies, not the model or its cache,
-set a rollout worker's peak memory. This loop asks the model for the last position's
-logits only (``logits_to_keep=1``, in the model's own dtype), and turns them into tokens,
-log-probs and entropies a few rows at a time (:func:`sample_rows`), so one ``[n, V]`` and a
-few ``[rows, V]`` temporaries of at most ``SAMPLE_CHUNK_ELEMENTS`` each are alive at once.
+``generate`` copies each step's ``[n, V]`` logits to float32 (a copy even when they are
+float32 already), and a logits processor that takes log-probs, its softmax and
+``multinomial`` each make another ``[n, V]``: at a 100k vocabulary and 64 samples those
+copies, not the model or its cache, set a rollout worker's peak memory. This loop asks the
+model for the last position's logits only (``logits_to_keep=1``, in the model's own dtype),
+and turns them into tokens, log-probs and entropies a few rows at a time
+(:func:`sample_rows`), so one ``[n, V]`` and a few ``[rows, V]`` temporaries of at most
+``SAMPLE_CHUNK_ELEMENTS`` each are alive at once.
 
 Left-padded prompts get the positions ``generate`` gives them (the attention mask's
 cumulative sum), a finished sequence is fed ``pad_id`` until every one is done, and the
