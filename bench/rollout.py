@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Rollout throughput of the Ray fleet with 1 and with 2 workers, the share of an RLVR
-step spent generating and syncing weights, the bytes per sync, the one-step-async loop's
-step time against the synchronous one (all on the tiny default, CPU), and the peak memory
-of one rollout worker with a 100352-token vocabulary.
+"""Rollout throughput of the Ray fleet with 1 and with 2 workers, the worker's decoding loop
+against transformers ``generate``, the share of an RLVR step spent generating and syncing
+weights, the bytes per sync, the one-step-async loop's step time against the synchronous
+one (all on the tiny default, CPU), and the peak memory of one rollout worker with a
+100352-token vocabulary.
 
     python bench/rollout.py [--prompts 16 --samples 8 --tokens 32]
     python bench/rollout.py --memory-only [--mem-samples 64 --mem-tokens 512]
@@ -15,8 +16,11 @@ model's own bytes plus its KV cache (the bound: 2x). The stacked ``[n, T, V]`` f
 logits the worker used to keep are printed beside it, for scale (not run).
 
 Last line: a JSON object with tokens_per_s_1_worker, tokens_per_s_2_workers, ratio
-(2 / 1 workers), generation_share and sync_share (of a full RLVR step, by the trainer's own
-timers on a short run), first_sync_bytes (the whole model) and sync_bytes (a later step's
+(2 / 1 workers), decode_tokens_per_s / generate_tokens_per_s and decode_over_generate (the
+worker's own decoding loop against transformers ``generate``, one process and thread, same
+batch; the median of the rounds' ratios),
+generation_share and sync_share (of a full RLVR step, by the trainer's own timers on a
+short run), first_sync_bytes (the whole model) and sync_bytes (a later step's
 mean), step_s_sync / step_s_async and their ratio, and the memory figures.
 """
 
@@ -76,6 +80,52 @@ def rollout_tokens_per_s(base, workers: int, prompts: int, samples: int, tokens:
         return generated / (time.perf_counter() - t0), first_sync
     finally:
         fleet.shutdown()
+
+
+def decode_vs_generate(base, prompts: int, samples: int, tokens: int, rounds: int) -> tuple[float, float, float]:
+    """Tokens/s of the worker's own decoding loop and of transformers ``generate`` (sampling
+    at temperature 1, no EOS) on the same model and batch in this process, on one thread as
+    a fleet worker runs, alternating round by round; and the median of the rounds' ratios
+    (own / generate), which a neighbour's load on a shared machine disturbs less than the
+    totals."""
+    import statistics
+
+    import megatron_bar
+    from megatron_bar.convert.hf_io import hf_config_from_model_config
+    from megatron_bar.rl.decode import decode
+    from megatron_bar.rl.rollout import RolloutWorker
+    from megatron_bar.rl.weights import gather_hf_state_dict
+
+    policy = megatron_bar.load_model(base)
+    worker = RolloutWorker(hf_config_from_model_config(policy.config, torch.float32))
+    worker.set_weights(gather_hf_state_dict(policy.gpt, policy.config), 0)
+    model = worker.model
+    batch = [[1] + list(range(5, 5 + 8 + i % 4)) for i in range(prompts) for _ in range(samples)]
+    width = max(map(len, batch))
+    ids = torch.tensor([[3] * (width - len(p)) + p for p in batch])
+    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in batch])[:, None]).long()
+    runs = {
+        "decode": lambda: decode(model, ids, mask, 1.0, tokens, -1, 3).tokens,
+        "generate": lambda: model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                                           top_k=0, top_p=1.0, max_new_tokens=tokens, eos_token_id=None,
+                                           pad_token_id=3)[:, width:],
+    }
+    seconds = {k: [] for k in runs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for r in range(rounds + 1):
+                for k, run in runs.items():
+                    t0 = time.perf_counter()
+                    assert run().shape == (len(batch), tokens)
+                    if r:  # the first round warms up
+                        seconds[k].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    per_round = len(batch) * tokens
+    ratio = statistics.median(g / d for d, g in zip(seconds["decode"], seconds["generate"]))
+    return per_round * rounds / sum(seconds["decode"]), per_round * rounds / sum(seconds["generate"]), ratio
 
 
 def step_shares(base, workdir: Path, async_steps: int) -> dict:
@@ -144,10 +194,14 @@ def main():
         if not args.memory_only:
             one, first_sync = rollout_tokens_per_s(base, 1, args.prompts, args.samples, args.tokens, args.rounds)
             two, _ = rollout_tokens_per_s(base, 2, args.prompts, args.samples, args.tokens, args.rounds)
+            own, hf, own_over_hf = decode_vs_generate(base, args.prompts, args.samples, args.tokens,
+                                                      max(args.rounds, 5))
             sync = step_shares(base, Path(tmp), 0)
             ahead = step_shares(base, Path(tmp), 1)
             print("| workers | rollout tokens/s |\n|---|---|")
             print(f"| 1 | {one:,.0f} |\n| 2 | {two:,.0f} |")
+            print(f"one worker's decoding, in process, one thread: own loop {own:,.0f} tokens/s, "
+                  f"transformers generate {hf:,.0f} tokens/s (median ratio of the rounds {own_over_hf:.2f}x)")
             print(f"synchronous step: {sync['step_s']:.2f} s, generation {sync['generation_share']:.1%}, "
                   f"weight sync {sync['sync_share']:.1%}; async_steps 1: {ahead['step_s']:.2f} s "
                   f"({ahead['step_s'] / sync['step_s']:.2f}x)")
@@ -155,7 +209,8 @@ def main():
                   f"{first_sync['seconds']:.3f} s; a training step's {sync['sync_bytes']:,.0f}")
             result.update({
                 "tokens_per_s_1_worker": round(one, 1), "tokens_per_s_2_workers": round(two, 1),
-                "ratio": round(two / one, 3), "generation_share": round(sync["generation_share"], 3),
+                "ratio": round(two / one, 3), "decode_tokens_per_s": round(own, 1),
+                "generate_tokens_per_s": round(hf, 1), "decode_over_generate": round(own_over_hf, 3), "generation_share": round(sync["generation_share"], 3),
                 "sync_share": round(sync["sync_share"], 3), "first_sync_bytes": first_sync["bytes"],
                 "first_sync_s": round(first_sync["seconds"], 4), "sync_bytes": round(sync["sync_bytes"]),
                 "step_s_sync": round(sync["step_s"], 3), "step_s_async": round(ahead["step_s"], 3),

@@ -3,10 +3,11 @@
 The policy is a transformers model (Olmo 2 or FlexOlmo) built from the trainer's
 ``ModelConfig``; it generates with the KV cache, samples at the configured temperature,
 and reports each sampled token's log-probability under the sampling distribution (what
-the trainer's importance correction compares against). Those log-probs are taken one
-decoding step at a time (:class:`SampledLogprobs`): the worker never holds more than one
-step's ``[n, V]`` scores, so its memory does not grow with the response length times the
-vocabulary. Weights arrive in the HF layout
+the trainer's importance correction compares against). Decoding is this project's own loop
+over the model (:func:`megatron_bar.rl.decode.decode`), not ``generate``: it holds one
+step's ``[n, V]`` logits in the model's dtype and samples from them a few rows at a time,
+so the worker's memory grows neither with the response length times the vocabulary nor
+with copies of one step's scores. Weights arrive in the HF layout
 (:mod:`megatron_bar.rl.weights`), through Ray's object store when run as an actor.
 """
 
@@ -17,9 +18,8 @@ import re
 
 import torch
 
-from megatron_bar.rl.grpo import token_entropy
+from megatron_bar.rl.decode import decode
 
-_ENTROPY_ROWS = 8
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -60,7 +60,7 @@ def to_transformers_layout(hf_state: dict[str, torch.Tensor], model) -> dict[str
 
 class _RoutingRecorder:
     """Forward hooks on every MoE router (``mlp.gate``) of a transformers FlexOlmo that
-    keep the experts it picked, call by call, while ``generate`` runs with the KV cache:
+    keep the experts it picked, call by call, while decoding runs with the KV cache:
     the first call sees the whole (left-padded) prompt batch, each later one the one
     token per sequence fed back."""
 
@@ -90,47 +90,6 @@ class _RoutingRecorder:
             steps = [c.view(n, 1, -1)[i] for c in calls[1:completion_len]]
             per_layer.append(torch.cat([prefill, *steps]))
         return torch.stack(per_layer).clone()
-
-
-class SampledLogprobs:
-    """A transformers logits processor that is the sampling temperature and keeps, per
-    decoding step, only what the rollout reports: each sequence's log-prob of the token
-    it sampled and the entropy of the distribution it sampled from.
-
-    ``generate`` calls it once per step with that step's ``[n, V]`` scores; the token
-    sampled from them is known only at the next call (the last column of ``input_ids``),
-    so one step's log-softmax is held until then and :meth:`finish` gathers the last one.
-    Generation runs with ``temperature=1`` and no other warper, so the distribution
-    sampled from is exactly ``softmax(scores / temperature)`` as returned here."""
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.logprobs: list[torch.Tensor] = []  # one [n] per step
-        self.entropy: list[torch.Tensor] = []
-        self._pending: torch.Tensor | None = None  # the last step's log-softmax [n, V]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self._pending is not None:
-            self._take(input_ids[:, -1])
-        scores = scores.float()
-        if self.temperature != 1.0:
-            scores = scores.div_(self.temperature)  # generate's own float copy: no second [n, V]
-        self._pending = torch.log_softmax(scores, -1)
-        # entropy a few rows at a time: its temporaries stay a fraction of one [n, V]
-        self.entropy.append(torch.cat([token_entropy(rows) for rows in scores.split(_ENTROPY_ROWS)]))
-        return scores
-
-    def _take(self, tokens: torch.Tensor) -> None:
-        self.logprobs.append(self._pending.gather(-1, tokens[:, None].to(self._pending.device)).squeeze(-1))
-        self._pending = None
-
-    def finish(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logprobs, entropy)``, each ``[n, T]`` for the ``T`` generated tokens."""
-        if self._pending is not None:
-            self._take(new_tokens[:, -1])
-        if len(self.logprobs) != new_tokens.size(1):
-            raise RuntimeError(f"{len(self.logprobs)} decoding steps seen for {new_tokens.size(1)} tokens")
-        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
 
 
 def _return_large_blocks_to_the_os(threshold: int = 128 << 10) -> None:
@@ -230,35 +189,20 @@ class RolloutWorker:
         torch.manual_seed(seed)
         expanded = [p for p in prompts for _ in range(samples_per_prompt)]
         width = max(len(p) for p in expanded)
+        device = next(self.model.parameters()).device
         input_ids = torch.full((len(expanded), width), pad_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         for i, p in enumerate(expanded):  # left padding: generation continues at the right
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention[i, width - len(p):] = 1
-        from transformers import LogitsProcessorList
-
-        greedy = temperature == 0
-        # the temperature is applied by SampledLogprobs, not by generate's own warper
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0,
-                                                         "top_k": 0, "top_p": 1.0}
-        steps = SampledLogprobs(1.0 if greedy else temperature)
         recorder = _RoutingRecorder(self.model) if record_routing else None
         try:
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                **sampling,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_id,
-                pad_token_id=pad_id,
-                logits_processor=LogitsProcessorList([steps]),
-                return_dict_in_generate=True,
-            )
+            out = decode(self.model, input_ids.to(device), attention.to(device), temperature,
+                         max_new_tokens, eos_id, pad_id)
         finally:
             if recorder is not None:
                 recorder.remove()
-        new_tokens = out.sequences[:, width:]
-        logprobs, entropy = steps.finish(new_tokens)  # [n, T] each
+        new_tokens, logprobs, entropy = out.tokens.cpu(), out.logprobs.cpu(), out.entropy.cpu()  # [n, T] each
         results = []
         for i in range(len(expanded)):
             tokens = new_tokens[i].tolist()

@@ -1,8 +1,8 @@
 """The rollout worker's log-probs and entropy, taken one decoding step at a time, equal a
 full-vocabulary reference: transformers' forward over prompt + completion, log-softmax
 of the logits / temperature, gathered at the sampled tokens - with left-padded prompts of
-different lengths, at a temperature, greedily, and with routing recorded; and the
-worker no longer asks generate for the stacked per-step logits."""
+different lengths, at a temperature, greedily, and with routing recorded. (That decoding
+asks the model for one position's logits per step: tests/rl/test_rl_decode.py.)"""
 
 import pytest
 import torch
@@ -52,17 +52,3 @@ def test_stepwise_logprobs_equal_a_full_vocabulary_forward(worker, temperature, 
         if record:
             assert r["routing"].shape[1] == len(prompt) + len(r["tokens"]) - 1
 
-
-def test_generate_does_not_keep_per_step_logits(worker, monkeypatch):
-    seen = {}
-    original = worker.model.generate
-
-    def spy(**kwargs):
-        seen.update(kwargs)
-        out = original(**kwargs)
-        assert out.logits is None and out.scores is None
-        return out
-
-    monkeypatch.setattr(worker.model, "generate", spy)
-    worker.generate(PROMPTS, 2, 1.0, 4, eos_id=2, pad_id=3, seed=0)
-    assert not seen.get("output_logits") and not seen.get("output_scores")
