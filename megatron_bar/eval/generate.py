@@ -127,29 +127,17 @@ def greedy_generate(
 
 def _hf_cached_batch(model, prompts: list[Sequence[int]], eos_id: int, pad_id: int, max_new_tokens: int,
                      on: torch.device) -> list[list[int]]:
-    """Greedy decoding of one left-padded batch with the model's KV cache: the same
-    inputs, positions and masks as the uncached loop, one new token per row per step.
-    Rows that emitted EOS keep decoding (a cache cannot drop rows cheaply) but their
-    tokens after EOS are cut by the caller."""
+    """Greedy decoding of one left-padded batch with the model's KV cache, by the rollout's
+    own loop (:func:`megatron_bar.rl.decode.decode` at temperature 0): the same inputs,
+    positions and masks as the uncached loop, one new token per row per step."""
+    from megatron_bar.rl.decode import decode
+
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    real = torch.zeros(len(prompts), width, dtype=torch.bool)
+    real = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        real[row, width - len(p):] = True
-    ids, real = ids.to(on), real.to(on)
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    gen = torch.full((len(prompts), max_new_tokens), eos_id, dtype=torch.long)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    out = model(input_ids=ids, attention_mask=real.long(), position_ids=positions, use_cache=True)
-    for t in range(max_new_tokens):
-        nxt = out.logits[:, -1].float().argmax(-1)
-        gen[:, t] = nxt.cpu()
-        done |= gen[:, t] == eos_id
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        real = torch.cat([real, torch.ones(len(prompts), 1, dtype=torch.bool, device=on)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=real.long(), position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
-    return gen.tolist()
+        real[row, width - len(p):] = 1
+    out = decode(model, ids.to(on), real.to(on), temperature=0.0, max_new_tokens=max_new_tokens,
+                 eos_id=eos_id, pad_id=pad_id)
+    return out.tokens.tolist()
