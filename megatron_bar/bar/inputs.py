@@ -129,27 +129,34 @@ def _expert_keys(keys) -> list[str]:
     return [k for k in keys if role_of(k).group == "expert"]
 
 
-def check_anchor(ref: Input, inp: Input) -> None:
-    """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit (else a
-    MergeError naming the tensor, the layer and the largest difference)."""
+def check_anchor(ref: Input, others: Sequence[Input]) -> None:
+    """Expert 0 (the anchor) of each of ``others`` equals that of ``ref``, bit for bit (else
+    a MergeError naming the first such input, its tensor, the layer and the largest
+    difference). Each stored chunk of ``ref``'s anchor is read once, and compared with the
+    same box of every other input."""
     buffers = Buffers()
-    for key in _expert_keys(inp.model_keys):
-        shape = inp.reader.shape(key)  # [layers, experts, ...]
-        worst, where = 0.0, None
-        for layer in range(shape[0]):
-            box = ((layer, ANCHOR) + (0,) * (len(shape) - 2), (1, 1) + shape[2:])
-            a = inp.reader.read(key, *box, out=buffers.get("anchor", box[1], inp.reader.dtype(key)))
-            b = ref.reader.read(key, *box)
-            if not torch.equal(a, b):
-                d = (a.float() - b.float()).abs().max().item()
-                if where is None or d > worst or math.isnan(d):
-                    worst, where = d, layer
-        if where is not None:
-            raise MergeError(
-                f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
-                f"tensor {key!r} (layer {where}, expert 0) max |difference| {worst:.3g}. Every "
-                f"expert must start from the same base and keep expert 0 frozen."
-            )
+    found: dict[tuple[int, str], tuple[float, int]] = {}  # (input, tensor) -> (max |difference|, layer)
+    for key in _expert_keys(ref.model_keys):
+        dtype = ref.reader.dtype(key)
+        for box in ref.reader.chunks(key):  # [layers, experts, ...]
+            if box[0][1] != ANCHOR:
+                continue
+            a = ref.reader.read(key, *box, out=buffers.get("ref", box[1], dtype))
+            for i, inp in enumerate(others):
+                b = inp.reader.read(key, *box, out=buffers.get("other", box[1], dtype))
+                if not torch.equal(a, b):
+                    d = (a.float() - b.float()).abs().max().item()
+                    worst = found.get((i, key))
+                    if worst is None or d > worst[0] or math.isnan(d):
+                        found[i, key] = (d, box[0][0])
+    if found:
+        i, key = min(found)
+        inp, (worst, layer) = others[i], found[i, key]
+        raise MergeError(
+            f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
+            f"tensor {key!r} (layer {layer}, expert 0) max |difference| {worst:.3g}. Every "
+            f"expert must start from the same base and keep expert 0 frozen."
+        )
 
 
 def check_inputs(ref: Input, inputs: Sequence[Input], domains: Sequence[Input]) -> None:

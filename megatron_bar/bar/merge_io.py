@@ -1,22 +1,23 @@
 """Megatron dist checkpoints read and written a stored chunk at a time (the merge).
 
 Reading (:class:`CheckpointReader`): a box of a stored tensor, loaded with
-``torch.distributed.checkpoint.load`` into a buffer - as Megatron-LM's
+``torch.distributed.checkpoint.load`` into the caller's tensor - as Megatron-LM's
 ``tools/checkpoint/dist_checkpoint_io.py`` loads whole tensors, with a load planner asking
-for one box. Each stored chunk loaded is checked for non-finite values, its largest
-magnitude kept per tensor, and its bytes hashed (XXH3-128) for a content hash.
+for one box. Each box is checked for non-finite values and its largest magnitude kept per
+tensor; each stored chunk's bytes are hashed (XXH3-128) for a content hash.
 
 Writing (:func:`write_checkpoint`): megatron's ``dist_checkpointing.save`` of the sharded
 state dict of the model built on the *meta* device - keys, shapes, chunks, ``common.pt`` and
 ``metadata.json`` are what megatron writes for that model, which loads at any TP / PP / EP -
-with a save planner whose ``resolve_data`` makes each chunk when torch's writer writes it.
+with a save planner whose ``resolve_data`` hands torch's writer each chunk, made on a thread
+while the writer writes the one before.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -75,7 +76,8 @@ class Buffers:
 
 
 class _BoxLoadPlanner(DefaultLoadPlanner):
-    """Loads box ``(offsets, sizes)`` of tensor ``key`` into ``out`` (a tensor of ``sizes``)."""
+    """Loads box ``(offsets, sizes)`` of tensor ``key`` into ``out`` (a tensor of ``sizes``):
+    torch's reader reads each stored chunk the box overlaps and copies its part into ``out``."""
 
     def __init__(self, key: str, box: Box, out: torch.Tensor):
         super().__init__()
@@ -93,24 +95,23 @@ class _BoxLoadPlanner(DefaultLoadPlanner):
         pass  # (loaded in place)
 
 
-class _CachedMetadataReader(FileSystemReader):
-    """torch's reader, reading ``.metadata`` once for the many loads of a merge."""
+class _MetadataReader(FileSystemReader):
+    """torch's reader, with the ``.metadata`` read once for the many loads of a merge."""
+
+    def __init__(self, path: str, metadata=None):
+        super().__init__(path)
+        self.metadata = metadata or super().read_metadata()
 
     def read_metadata(self, *args, **kwargs):
-        if not hasattr(self, "_metadata"):
-            self._metadata = super().read_metadata(*args, **kwargs)
-        return self._metadata
-
-
-@dataclass
-class _Stored:
-    box: Box
-    digest: bytes | None = None
+        return self.metadata
 
 
 class CheckpointReader:
-    """One megatron_bar checkpoint folder, read a box at a time. Reads load whole stored
-    chunks (what torch's reader reads anyway); the last one is kept for the next read."""
+    """One megatron_bar checkpoint folder, read a box at a time into the caller's tensor.
+
+    Every box read is scanned for non-finite values and its largest magnitude kept per
+    tensor; a box that is one whole stored chunk is hashed (XXH3-128) for the content hash,
+    which reads the chunks no box covered."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -118,14 +119,13 @@ class CheckpointReader:
             raise FileNotFoundError(f"{self.dir}: no such checkpoint folder")
         self.config = ModelConfig.load(self.dir)
         check_checkpoint_files(self.dir)
-        self._reader = _CachedMetadataReader(str(self.dir))
-        meta = self._reader.read_metadata()
+        self._reader = _MetadataReader(str(self.dir))
         self.tensors: dict[str, TensorStorageMetadata] = {
-            k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+            k: v for k, v in self._reader.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
-        self._chunks = {k: [_Stored((tuple(c.offsets), tuple(c.sizes))) for c in v.chunks]
-                        for k, v in self.tensors.items()}
-        self.max_abs: dict[str, float] = {}  # key -> largest |value| in the chunks loaded
+        # key -> {stored chunk box: its digest, once read whole}
+        self.digests = {k: {(tuple(c.offsets), tuple(c.sizes)): None for c in v.chunks} for k, v in self.tensors.items()}
+        self.max_abs: dict[str, float] = {}  # key -> largest |value| in the boxes read
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
@@ -136,75 +136,48 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    # The last chunk loaded by any reader, in a buffer shared by all readers (what is kept
-    # does not grow with the number of inputs): (reader, key, box, tensor).
-    _last: tuple | None = None
-    _buffers = Buffers()
+    def chunks(self, key: str) -> list[Box]:
+        """The boxes ``key`` is stored in."""
+        return list(self.digests[key])
 
-    def _load(self, key: str, stored: _Stored) -> torch.Tensor:
-        last = CheckpointReader._last
-        if last is not None and last[0] is self and last[1:3] == (key, stored.box):
-            return last[3]
-        CheckpointReader._last = None
-        t = self._buffers.get("load", stored.box[1], self.dtype(key))
-        dcp.load({key: t}, storage_reader=self._reader, planner=_BoxLoadPlanner(key, stored.box, t), no_dist=True)
+    def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int],
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Box ``(offsets, sizes)`` of ``key`` (global coordinates), into ``out`` if given."""
+        box = (tuple(offsets), tuple(sizes))
+        t = torch.empty(box[1], dtype=self.dtype(key)) if out is None else out
+        covered = sum(math.prod(p[1]) for c in self.digests[key] if (p := intersect(box, c)) is not None)
+        if covered != math.prod(box[1]):
+            raise ValueError(f"{self.dir}: tensor {key!r} is not stored whole (box {list(box[0])} "
+                             f"of {list(box[1])} is {covered} of {math.prod(box[1])} values)")
+        dcp.load({key: t}, storage_reader=self._reader, planner=_BoxLoadPlanner(key, box, t), no_dist=True)
         if t.is_floating_point() and t.numel():
             lo, hi = torch.aminmax(t)
             top = max(-float(lo), float(hi))
             if not math.isfinite(top):
                 raise NonFiniteValue(f"{self.dir}: tensor {key!r} holds a non-finite value ({top}) in its stored "
-                                     f"chunk at {list(stored.box[0])} - a corrupt checkpoint")
+                                     f"chunk at {list(box[0])} - a corrupt checkpoint")
             self.max_abs[key] = max(self.max_abs.get(key, 0.0), top)
-        if stored.digest is None:
-            stored.digest = xxhash.xxh3_128_digest(t.reshape(-1).view(torch.uint8).numpy())
-        CheckpointReader._last = (self, key, stored.box, t)
+        if self.digests[key].get(box, b"") is None:
+            self.digests[key][box] = xxhash.xxh3_128_digest(t.contiguous().reshape(-1).view(torch.uint8).numpy())
         return t
-
-    def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int],
-             out: torch.Tensor | None = None, shared: bool = False) -> torch.Tensor:
-        """Box ``(offsets, sizes)`` of ``key`` (global coordinates), in ``out`` if given.
-        ``shared``: a box that is one stored chunk may come back in the readers' shared
-        buffer - read-only, and valid until the next read of any reader (no copy)."""
-        box = (tuple(offsets), tuple(sizes))
-        if out is None:
-            whole = [s for s in self._chunks[key] if s.box == box]
-            if whole and shared:
-                return self._load(key, whole[0])
-            out = torch.empty(box[1], dtype=self.dtype(key))
-        covered = 0
-        for stored in self._chunks[key]:
-            part = intersect(box, stored.box)
-            if part is not None:
-                chunk = self._load(key, stored)
-                out[local_slices(box[0], *part)] = chunk[local_slices(stored.box[0], *part)]
-                covered += math.prod(part[1])
-        if covered != math.prod(box[1]):
-            raise ValueError(f"{self.dir}: tensor {key!r} is not stored whole (box {list(box[0])} "
-                             f"of {list(box[1])} is {covered} of {math.prod(box[1])} values)")
-        return out
 
     def content_hash(self, keys: Sequence[str] | None = None) -> str:
         """XXH3-128 of ``keys`` (default all) as stored: each stored chunk's key, box, dtype
-        and bytes, in key and offset order. Chunks not read yet are read now."""
+        and bytes, in key and offset order. Chunks not read whole yet are read now."""
         h = xxhash.xxh3_128()
         for key in sorted(self.tensors if keys is None else keys):
-            for stored in sorted(self._chunks[key], key=lambda s: s.box[0]):
-                if stored.digest is None:
-                    self._load(key, stored)
-                h.update(f"{key}|{list(stored.box[0])}|{list(stored.box[1])}|{self.dtype(key)}|".encode())
-                h.update(stored.digest)
-        self.close()
+            for box in sorted(self.digests[key]):
+                if self.digests[key][box] is None:
+                    self.read(key, *box)
+                h.update(f"{key}|{list(box[0])}|{list(box[1])}|{self.dtype(key)}|".encode())
+                h.update(self.digests[key][box])
         return HASH_PREFIX + h.hexdigest()
-
-    def close(self) -> None:
-        CheckpointReader._last = None
-        self._buffers._kept.clear()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        pass
 
 
 # -- the model megatron saves -------------------------------------------------------------
@@ -237,19 +210,57 @@ def expected_tensors(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, tuple[tu
     return dict(_EXPECTED[ident])
 
 
+class _Ahead:
+    """``fill`` of the writer's chunks in the writer's order, each made on a thread while
+    the writer writes the one before (so a chunk ``fill`` returned is in use until the one
+    after next is asked for)."""
+
+    def __init__(self, fill: Callable, order: list[tuple]):
+        self.fill, self.order = fill, order
+        self.index = {item: i for i, item in enumerate(order)}
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="merge-fill")
+        self.next: tuple | None = None  # (position in order, future)
+
+    def get(self, item: tuple) -> torch.Tensor:
+        i = self.index.get(item)
+        nxt, self.next = self.next, None
+        if nxt is not None and nxt[0] == i:
+            made = nxt[1].result()
+        else:  # (not the order expected: made now, after what was being made)
+            if nxt is not None:
+                nxt[1].result()
+            made = self.thread.submit(self.fill, *item).result()
+        if i is not None and i + 1 < len(self.order):
+            self.next = (i + 1, self.thread.submit(self.fill, *self.order[i + 1]))
+        return made
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True, cancel_futures=True)
+
+
 class _LazySavePlanner(MCoreSavePlanner):
     """megatron's save planner, except that a tensor chunk is ``fill(key, offsets, sizes)``,
-    called when the writer writes it."""
+    made ahead of the writer (:class:`_Ahead`)."""
 
     def __init__(self, fill: Callable, **kwargs):
         super().__init__(**kwargs)
-        self.fill = fill
+        self.fill, self.ahead = fill, None
+
+    def finish_plan(self, new_plan):
+        plan = super().finish_plan(new_plan)
+        # torch's writer with one thread writes the tensor items in the plan's order
+        self.ahead = _Ahead(self.fill, [self._item(wi) for wi in plan.items if wi.type != WriteItemType.BYTE_IO])
+        return plan
+
+    @staticmethod
+    def _item(write_item) -> tuple:
+        chunk = write_item.tensor_data.chunk
+        return write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes)
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
-        chunk = write_item.tensor_data.chunk
-        return self.fill(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
+        return self.ahead.get(self._item(write_item)) if self.ahead else self.fill(*self._item(write_item))
 
 
 class _LazySaveStrategy(SaveShardedStrategy):
@@ -267,16 +278,21 @@ class _LazySaveStrategy(SaveShardedStrategy):
         by_key: dict[str, list] = {}  # what megatron's torch strategy stores under each key
         for v in nested_values(sharded_state_dict):
             by_key.setdefault(v.unique_key if isinstance(v, ShardedObject) else v.key, []).append(v)
-        dcp.save(mcore_to_pyt_state_dict(by_key, False),
-                 # (one chunk resolved at a time, written before the next is made)
-                 storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0),
-                 planner=_LazySavePlanner(self.fill, dedup_replicated_tensors=False, flatten_state_dict=False))
+        planner = _LazySavePlanner(self.fill, dedup_replicated_tensors=False, flatten_state_dict=False)
+        try:
+            dcp.save(mcore_to_pyt_state_dict(by_key, False), planner=planner,
+                     storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0))
+        finally:
+            if planner.ahead is not None:
+                planner.ahead.close()
 
 
 def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable) -> None:
     """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``, each
     chunk ``fill(key, offsets, sizes)`` (a tensor of ``sizes``, in the global coordinates
-    megatron stores ``key`` in), called once per chunk, in turn."""
+    megatron stores ``key`` in), called once per chunk, in the writer's order, on a thread of
+    its own while the writer writes the chunk before: what it returns must stay unchanged
+    until the call after next."""
     try:
         dist_checkpointing.save(_sharded_meta_model(cfg, dtype), str(directory),
                                 sharded_strategy=_LazySaveStrategy(fill))
