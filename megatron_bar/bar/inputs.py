@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_bar.bar.merge_io import Buffers, CheckpointReader, expected_tensors
+from megatron_bar.bar.merge_io import BufferPool, CheckpointReader, expected_tensors
 from megatron_bar.bar.roles import role_of
 from megatron_bar.bar.vocab import TOKENIZER_SUBDIR, VOCAB_PARAMS
 from megatron_bar.model.config import ConfigError, ModelConfig
@@ -134,21 +134,22 @@ def check_anchor(ref: Input, others: Sequence[Input]) -> None:
     a MergeError naming the first such input, its tensor, the layer and the largest
     difference). Each stored chunk of ``ref``'s anchor is read once, and compared with the
     same box of every other input."""
-    buffers = Buffers()
+    pool = BufferPool()
     found: dict[tuple[int, str], tuple[float, int]] = {}  # (input, tensor) -> (max |difference|, layer)
     for key in _expert_keys(ref.model_keys):
         dtype = ref.reader.dtype(key)
         for box in ref.reader.chunks(key):  # [layers, experts, ...]
             if box[0][1] != ANCHOR:
                 continue
-            a = ref.reader.read(key, *box, out=buffers.get("ref", box[1], dtype))
+            a, b = ref.reader.read(key, *box, out=pool.take(box[1], dtype)), pool.take(box[1], dtype)
             for i, inp in enumerate(others):
-                b = inp.reader.read(key, *box, out=buffers.get("other", box[1], dtype))
+                inp.reader.read(key, *box, out=b)
                 if not torch.equal(a, b):
                     d = (a.float() - b.float()).abs().max().item()
                     worst = found.get((i, key))
                     if worst is None or d > worst[0] or math.isnan(d):
                         found[i, key] = (d, box[0][0])
+            pool.give(a, b)
     if found:
         i, key = min(found)
         inp, (worst, layer) = others[i], found[i, key]

@@ -32,7 +32,8 @@ import torch
 from megatron_bar.bar.divergence import GroupStats, format_divergence, outliers, report_group
 from megatron_bar.bar.inputs import ANCHOR, Input, MergeError, check_anchor, check_inputs, open_input
 from megatron_bar.bar.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ManifestError, read_manifest
-from megatron_bar.bar.merge_io import Buffers, expected_tensors, intersect, local_slices, write_checkpoint
+from megatron_bar.bar.merge_io import (BufferPool, expected_tensors, intersect, local_slices, one_thread_per_op,
+                                        write_checkpoint)
 from megatron_bar.bar.roles import role_of
 from megatron_bar.bar.vocab import (TOKENIZER_SUBDIR, VOCAB_PARAMS, VocabMergeError, VocabPlan, merge_tokenizers,
                                     plan_vocabulary)
@@ -229,35 +230,23 @@ def _sq_norm(x: torch.Tensor) -> float:
 
 class _Executor:
     """Makes any box of any output tensor from the inputs by the plan's steps, reading each
-    input's part into the output (or a buffer) directly, and keeps the divergence
-    statistics of the means."""
+    input's part into the output (or a buffer) directly, on any thread; keeps what each
+    mean adds to the divergence report."""
 
-    BLOCK = 1 << 22  # values per step of a mean's fp32 arithmetic (its scratch memory, in cache)
+    BLOCK = 1 << 20  # values per step of a mean's fp32 arithmetic (its scratch memory, in cache)
 
     def __init__(self, inputs: Sequence[Input], plan: MergePlan, shapes: dict):
         self.inputs, self.plan, self.shapes = inputs, plan, shapes
-        self.stats: dict[str, GroupStats] = {}
-        self.tensor_status: dict[str, str] = {}
-        self.buffers = Buffers()
-        self.made: list[list] = []  # [call, tensor] of each output tensor fill handed out
-        self.calls = 0
-
-    def _output(self, shape, dtype) -> torch.Tensor:
-        # the writer writes each box before it asks for the one after next (merge_io._Ahead)
-        self.calls += 1
-        for made in self.made:
-            if made[0] <= self.calls - 2 and made[1].shape == shape and made[1].dtype == dtype:
-                made[0] = self.calls
-                return made[1]
-        self.made.append([self.calls, torch.empty(shape, dtype=dtype)])
-        return self.made[-1][1]
+        self.pool = BufferPool()
+        self.means: dict[tuple, tuple] = {}  # (key, offsets) -> (values, all equal, [(name, distance stats)])
 
     def fill(self, key: str, offsets, sizes, copies: bool = True) -> torch.Tensor:
-        """Box ``(offsets, sizes)`` of output tensor ``key``; ``copies=False``: only the
-        means are computed (a dry run's statistics)."""
+        """Box ``(offsets, sizes)`` of output tensor ``key``, in a buffer of the pool (for
+        :meth:`BufferPool.give` once written); ``copies=False``: only the means are computed
+        (a dry run's statistics)."""
         shape, dtype = self.shapes[key]
         box = (tuple(offsets), tuple(sizes))
-        out = self._output(torch.Size(box[1]), dtype)
+        out = self.pool.take(box[1], dtype)
         for sl in self.plan.tensor_slices(key):
             off, sz = [0] * len(shape), list(shape)
             if sl.axis is not None:
@@ -281,10 +270,9 @@ class _Executor:
             off[sl.axis] = src.index + part[0][sl.axis] - sl.start
         return self.inputs[src.input].reader.read(key, off, part[1], out=out)
 
-    def _blocks(self, *tensors):
-        """Matching blocks of BLOCK values of the (contiguous) ``tensors``, with fp32 scratch."""
+    def _blocks(self, tmp: torch.Tensor, *tensors):
+        """Matching blocks of BLOCK values of the (contiguous) ``tensors``, and of ``tmp``."""
         flat = [t.view(-1) for t in tensors]
-        tmp = self.buffers.get("tmp", (min(self.BLOCK, flat[0].numel()),), torch.float32)
         for a in range(0, flat[0].numel(), self.BLOCK):
             part = [f[a:a + self.BLOCK] for f in flat]
             yield part + [tmp[:part[0].numel()]]
@@ -293,30 +281,22 @@ class _Executor:
         # The first input is read into the output, the others one at a time into x (memory
         # does not grow with their number); a reported input no longer loaded is read again
         # for its distance from the mean.
-        work = dst if dst.is_contiguous() else self.buffers.get("work", part[1], dst.dtype)
-        acc = self.buffers.get("acc", part[1], torch.float32)
-        x = self.buffers.get("x", part[1], dst.dtype)
+        work = dst if dst.is_contiguous() else self.pool.take(part[1], dst.dtype)
+        acc, x = self.pool.take(part[1], torch.float32), self.pool.take(part[1], dst.dtype)
+        tmp = self.pool.take((min(self.BLOCK, work.numel()),), torch.float32)
         self._read(step.srcs[0], sl, key, part, work)
-        for a, w0, _ in self._blocks(acc, work):
+        for a, w0, _ in self._blocks(tmp, acc, work):
             a.copy_(w0).mul_(step.weights[0])
         same, loaded = True, step.srcs[0]
         for src, w in zip(step.srcs[1:], step.weights[1:]):  # (x * w summed in order, in fp32)
             loaded = src
             self._read(src, sl, key, part, x)
             same = same and torch.equal(work, x)
-            for a, xb, tmp in self._blocks(acc, x):
-                a.add_(tmp.copy_(xb).mul_(w))
+            for a, xb, t in self._blocks(tmp, acc, x):
+                a.add_(t.copy_(xb).mul_(w))
         if same:
             acc.copy_(work)
-        n = work.numel()
-        st = self.stats.setdefault(report_group(key), GroupStats())
-        st.tensors.add(key)
-        st.params += n
-        if same:
-            self.tensor_status.setdefault(key, "copied")
-        else:
-            st.averaged_params += n
-            self.tensor_status[key] = "averaged"
+        n, dists = work.numel(), []
         sq_m = _sq_norm(acc.view(-1)) if step.report else 0.0
         for name, src in reversed(step.report):  # (the last input read is still loaded)
             d2 = dmax = 0.0
@@ -327,16 +307,35 @@ class _Executor:
                     v = x
                 else:
                     v, loaded = self._read(src, sl, key, part, x), src
-                for a, vb, tmp in self._blocks(acc, v):
-                    d = tmp.copy_(vb).sub_(a)
+                for a, vb, t in self._blocks(tmp, acc, v):
+                    d = t.copy_(vb).sub_(a)
                     d2 += _sq_norm(d)
                     lo, hi = torch.aminmax(d)
                     dmax = max(dmax, -float(lo), float(hi))
-            st.add(name, d2, sq_m, dmax)
+            dists.append((name, d2, sq_m, dmax))
+        self.means[key, part[0]] = (n, same, dists)
         if not same:
             work.copy_(acc)
         if work is not dst:
             dst.copy_(work)
+            self.pool.give(work)
+        self.pool.give(acc, x, tmp)
+
+    def report(self) -> tuple[dict[str, GroupStats], dict[str, str]]:
+        """The divergence statistics per report group, and each averaged tensor's status
+        ("copied": its inputs all agreed), summed in key order (the same whatever the
+        threads' order)."""
+        stats: dict[str, GroupStats] = {}
+        status: dict[str, str] = {}
+        for (key, _), (n, same, dists) in sorted(self.means.items()):
+            st = stats.setdefault(report_group(key), GroupStats())
+            st.tensors.add(key)
+            st.params += n
+            st.averaged_params += 0 if same else n
+            status[key] = "copied" if same and status.get(key) != "averaged" else "averaged"
+            for d in dists:
+                st.add(*d)
+        return stats, status
 
     def survey(self) -> None:
         """A dry run: the means of every output tensor, a layer at a time, nothing kept."""
@@ -345,10 +344,8 @@ class _Executor:
                 continue
             layers = range(shape[0]) if key.startswith("decoder.layers.") else [None]
             for layer in layers:
-                if layer is None:
-                    self.fill(key, (0,) * len(shape), shape, copies=False)
-                else:
-                    self.fill(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:], copies=False)
+                box = ((0,) * len(shape), shape) if layer is None else ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])
+                self.pool.give(self.fill(key, *box, copies=False))
 
 
 @dataclass
@@ -375,6 +372,7 @@ def _now() -> str:
 # -- one run, merge or upgrade ------------------------------------------------------------
 
 
+@one_thread_per_op()
 def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | None, save_dir: Path | None,
          lines: list[str], manifest: dict, hashed: list, print_fn: Callable) -> MergeResult:
     """Check, execute ``plan`` and write (``save_dir`` None: a dry run). ``inputs[0]`` is
@@ -408,15 +406,16 @@ def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | 
             print_fn(f"removing {stale}, left behind by a merge that did not finish")
         # A full disk, found before writing or during it, is a DiskFullError naming save_dir.
         with atomic_output_dir(save_dir, need_bytes=size) as tmp:
-            write_checkpoint(out_cfg, dtype, tmp, ex.fill)
+            write_checkpoint(out_cfg, dtype, tmp, ex.fill, ex.pool.give)
             write_tokenizer(tmp / TOKENIZER_SUBDIR)
             for entry, inp in hashed:
                 entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
-            manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
+            stats, status = ex.report()
+            manifest["divergence"] = {g: s.as_dict() for g, s in stats.items()}
             manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
-            manifest["tensors"] = dict(sorted(ex.tensor_status.items()))
+            manifest["tensors"] = dict(sorted(status.items()))
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
+    manifest["divergence"] = {g: s.as_dict() for g, s in ex.report()[0].items()}
     manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
     report = format_divergence(manifest["divergence"], [inp.name for inp in inputs], manifest["outliers"])
     print_fn(report)

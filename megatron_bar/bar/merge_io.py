@@ -15,9 +15,11 @@ while the writer writes the one before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -60,19 +62,36 @@ class NonFiniteValue(ValueError):
     pass
 
 
-class Buffers:
-    """Tensors kept for reuse by name, shape and dtype: a fresh large tensor costs its page
-    faults each time (more than the copy into it), and the shapes of a checkpoint are few."""
+class BufferPool:
+    """Tensors to reuse, taken by shape and dtype and given back (a fresh large tensor costs
+    its page faults each time, more than the copy into it); shared by threads."""
 
     def __init__(self):
-        self._kept: dict[tuple, torch.Tensor] = {}
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
 
-    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        ident = (name, tuple(shape), dtype)
-        if ident not in self._kept:
-            self._kept[ident] = torch.empty(ident[1], dtype=dtype)
-        return self._kept[ident]
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            for i, t in enumerate(self._free):
+                if t.shape == tuple(shape) and t.dtype == dtype:
+                    return self._free.pop(i)
+        return torch.empty(tuple(shape), dtype=dtype)
 
+    def give(self, *tensors: torch.Tensor) -> None:
+        with self._lock:
+            self._free.extend(tensors)
+
+
+@contextlib.contextmanager
+def one_thread_per_op():
+    """torch's ops on one thread each while it lasts: the merge's own threads use the cores,
+    and an op split over two threads waits for the busier core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _BoxLoadPlanner(DefaultLoadPlanner):
@@ -119,9 +138,10 @@ class CheckpointReader:
             raise FileNotFoundError(f"{self.dir}: no such checkpoint folder")
         self.config = ModelConfig.load(self.dir)
         check_checkpoint_files(self.dir)
-        self._reader = _MetadataReader(str(self.dir))
+        self._metadata = _MetadataReader(str(self.dir)).metadata
+        self._local, self._lock = threading.local(), threading.Lock()  # (a torch reader per thread)
         self.tensors: dict[str, TensorStorageMetadata] = {
-            k: v for k, v in self._reader.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+            k: v for k, v in self._metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
         # key -> {stored chunk box: its digest, once read whole}
         self.digests = {k: {(tuple(c.offsets), tuple(c.sizes)): None for c in v.chunks} for k, v in self.tensors.items()}
@@ -149,14 +169,17 @@ class CheckpointReader:
         if covered != math.prod(box[1]):
             raise ValueError(f"{self.dir}: tensor {key!r} is not stored whole (box {list(box[0])} "
                              f"of {list(box[1])} is {covered} of {math.prod(box[1])} values)")
-        dcp.load({key: t}, storage_reader=self._reader, planner=_BoxLoadPlanner(key, box, t), no_dist=True)
+        if not hasattr(self._local, "reader"):
+            self._local.reader = _MetadataReader(str(self.dir), self._metadata)
+        dcp.load({key: t}, storage_reader=self._local.reader, planner=_BoxLoadPlanner(key, box, t), no_dist=True)
         if t.is_floating_point() and t.numel():
             lo, hi = torch.aminmax(t)
             top = max(-float(lo), float(hi))
             if not math.isfinite(top):
                 raise NonFiniteValue(f"{self.dir}: tensor {key!r} holds a non-finite value ({top}) in its stored "
                                      f"chunk at {list(box[0])} - a corrupt checkpoint")
-            self.max_abs[key] = max(self.max_abs.get(key, 0.0), top)
+            with self._lock:
+                self.max_abs[key] = max(self.max_abs.get(key, 0.0), top)
         if self.digests[key].get(box, b"") is None:
             self.digests[key][box] = xxhash.xxh3_128_digest(t.contiguous().reshape(-1).view(torch.uint8).numpy())
         return t
@@ -183,73 +206,76 @@ class CheckpointReader:
 # -- the model megatron saves -------------------------------------------------------------
 
 
+_MODELS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
+
+
 def _sharded_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """The sharded state dict of the TP=PP=EP=1 model of ``cfg``, on the meta device."""
-    from megatron_bar.model.builder import build_model
+    """The sharded state dict of the TP=PP=EP=1 model of ``cfg``, on the meta device (the
+    model kept per config: a merge asks for the same several times)."""
+    ident = (json.dumps(cfg.to_dict(), sort_keys=True), dtype)
+    if ident not in _MODELS:
+        from megatron_bar.model.builder import build_model
 
-    platform.initialize()
-    return build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta").sharded_state_dict()
-
-
-_EXPECTED: dict[tuple[str, torch.dtype], dict] = {}
+        platform.initialize()
+        _MODELS[ident] = build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta")
+    return _MODELS[ident].sharded_state_dict()
 
 
 def expected_tensors(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Key -> (global shape, dtype) of every tensor megatron saves for ``cfg`` (kept per
-    config: a merge asks for the same several times)."""
-    ident = (json.dumps(cfg.to_dict(), sort_keys=True), dtype)
-    if ident not in _EXPECTED:
-        out = {}
-        for v in nested_values(_sharded_meta_model(cfg, dtype)):
-            if isinstance(v, ShardedTensorFactory):  # stored under its key, at its tensor's shape
-                sh = next(iter(nested_values(v.build())))
-                out[v.key] = (tuple(sh.global_shape), v.data.dtype)
-            elif isinstance(v, ShardedTensor):
-                out[v.key] = (tuple(v.global_shape), v.data.dtype)
-        _EXPECTED[ident] = out
-    return dict(_EXPECTED[ident])
+    """Key -> (global shape, dtype) of every tensor megatron saves for ``cfg``."""
+    out = {}
+    for v in nested_values(_sharded_meta_model(cfg, dtype)):
+        if isinstance(v, ShardedTensorFactory):  # stored under its key, at its tensor's shape
+            sh = next(iter(nested_values(v.build())))
+            out[v.key] = (tuple(sh.global_shape), v.data.dtype)
+        elif isinstance(v, ShardedTensor):
+            out[v.key] = (tuple(v.global_shape), v.data.dtype)
+    return out
 
 
 class _Ahead:
-    """``fill`` of the writer's chunks in the writer's order, each made on a thread while
-    the writer writes the one before (so a chunk ``fill`` returned is in use until the one
-    after next is asked for)."""
+    """``fill`` of the writer's chunks in the writer's order, AHEAD of them made at a time on
+    threads of their own while the writer writes; ``done(chunk)`` once one is written."""
 
-    def __init__(self, fill: Callable, order: list[tuple]):
-        self.fill, self.order = fill, order
+    AHEAD = 2
+
+    def __init__(self, fill: Callable, done: Callable | None, order: list[tuple]):
+        self.fill, self.done, self.order = fill, done, order
         self.index = {item: i for i, item in enumerate(order)}
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="merge-fill")
-        self.next: tuple | None = None  # (position in order, future)
+        self.threads = ThreadPoolExecutor(self.AHEAD, thread_name_prefix="merge-fill")
+        self.made: dict[int, Future] = {}
+        self.next, self.writing = 0, None
 
     def get(self, item: tuple) -> torch.Tensor:
-        i = self.index.get(item)
-        nxt, self.next = self.next, None
-        if nxt is not None and nxt[0] == i:
-            made = nxt[1].result()
-        else:  # (not the order expected: made now, after what was being made)
-            if nxt is not None:
-                nxt[1].result()
-            made = self.thread.submit(self.fill, *item).result()
-        if i is not None and i + 1 < len(self.order):
-            self.next = (i + 1, self.thread.submit(self.fill, *self.order[i + 1]))
-        return made
+        if self.writing is not None and self.done is not None:
+            self.done(self.writing)
+        i = self.index.get(item, -1)
+        if i not in self.made and i < self.next:  # (not the order expected: made now)
+            self.writing = self.fill(*item)
+            return self.writing
+        self.next = max(self.next, i)
+        while self.next < min(i + 1 + self.AHEAD, len(self.order)):
+            self.made[self.next] = self.threads.submit(self.fill, *self.order[self.next])
+            self.next += 1
+        self.writing = self.made.pop(i).result()
+        return self.writing
 
     def close(self) -> None:
-        self.thread.shutdown(wait=True, cancel_futures=True)
+        self.threads.shutdown(wait=True, cancel_futures=True)
 
 
 class _LazySavePlanner(MCoreSavePlanner):
     """megatron's save planner, except that a tensor chunk is ``fill(key, offsets, sizes)``,
     made ahead of the writer (:class:`_Ahead`)."""
 
-    def __init__(self, fill: Callable, **kwargs):
+    def __init__(self, fill: Callable, done: Callable | None, **kwargs):
         super().__init__(**kwargs)
-        self.fill, self.ahead = fill, None
+        self.fill, self.done, self.ahead = fill, done, None
 
     def finish_plan(self, new_plan):
         plan = super().finish_plan(new_plan)
         # torch's writer with one thread writes the tensor items in the plan's order
-        self.ahead = _Ahead(self.fill, [self._item(wi) for wi in plan.items if wi.type != WriteItemType.BYTE_IO])
+        self.ahead = _Ahead(self.fill, self.done, [self._item(wi) for wi in plan.items if wi.type != WriteItemType.BYTE_IO])
         return plan
 
     @staticmethod
@@ -266,9 +292,9 @@ class _LazySavePlanner(MCoreSavePlanner):
 class _LazySaveStrategy(SaveShardedStrategy):
     """megatron's torch_dist format, written by torch's FileSystemWriter one chunk at a time."""
 
-    def __init__(self, fill: Callable):
+    def __init__(self, fill: Callable, done: Callable | None):
         super().__init__("torch_dist", 1)
-        self.fill = fill
+        self.fill, self.done = fill, done
 
     @property
     def can_handle_sharded_objects(self):
@@ -278,7 +304,7 @@ class _LazySaveStrategy(SaveShardedStrategy):
         by_key: dict[str, list] = {}  # what megatron's torch strategy stores under each key
         for v in nested_values(sharded_state_dict):
             by_key.setdefault(v.unique_key if isinstance(v, ShardedObject) else v.key, []).append(v)
-        planner = _LazySavePlanner(self.fill, dedup_replicated_tensors=False, flatten_state_dict=False)
+        planner = _LazySavePlanner(self.fill, self.done, dedup_replicated_tensors=False, flatten_state_dict=False)
         try:
             dcp.save(mcore_to_pyt_state_dict(by_key, False), planner=planner,
                      storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0))
@@ -287,15 +313,15 @@ class _LazySaveStrategy(SaveShardedStrategy):
                 planner.ahead.close()
 
 
-def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable) -> None:
+def write_checkpoint(cfg: ModelConfig, dtype: torch.dtype, directory: Path, fill: Callable,
+                     done: Callable | None = None) -> None:
     """Write the dist checkpoint of ``cfg`` into the existing folder ``directory``, each
     chunk ``fill(key, offsets, sizes)`` (a tensor of ``sizes``, in the global coordinates
-    megatron stores ``key`` in), called once per chunk, in the writer's order, on a thread of
-    its own while the writer writes the chunk before: what it returns must stay unchanged
-    until the call after next."""
+    megatron stores ``key`` in), called once per chunk, on threads of their own and a few
+    chunks ahead of the writer; ``done(chunk)`` once the writer has written it."""
     try:
         dist_checkpointing.save(_sharded_meta_model(cfg, dtype), str(directory),
-                                sharded_strategy=_LazySaveStrategy(fill))
+                                sharded_strategy=_LazySaveStrategy(fill, done))
     except CheckpointException as e:
         # torch wraps what failed (a full disk, a bad input) with its rank's traceback; the
         # error itself is what the caller can act on
