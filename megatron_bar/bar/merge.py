@@ -9,8 +9,9 @@ for a new domain checkpoint's expert 1, ``add`` appends one). Both only build a
 it to one executor (:func:`_run`): the checks, the streaming, the manifest and the
 divergence report are the same for both.
 
-Everything streams: each output chunk is made when megatron's save writes it, from the
-inputs' chunks (:mod:`merge_io`), so memory does not grow with the number of experts.
+Everything streams: each output chunk is made from the inputs' chunks just ahead of
+megatron's save writing it (:mod:`merge_io`), so memory does not grow with the number of
+experts.
 Nothing is written until every check has passed (the anchor compared bit for bit
 included); the output folder appears only when complete, with ``bar_manifest.json``
 (experts, sources, content hashes, averaging, divergence report). A non-finite input value
@@ -32,13 +33,13 @@ import torch
 from megatron_bar.bar.divergence import GroupStats, format_divergence, outliers, report_group
 from megatron_bar.bar.inputs import ANCHOR, Input, MergeError, check_anchor, check_inputs, open_input
 from megatron_bar.bar.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ManifestError, read_manifest
-from megatron_bar.bar.merge_io import (BufferPool, expected_tensors, intersect, local_slices, one_thread_per_op,
-                                        write_checkpoint)
+from megatron_bar.bar.merge_io import expected_tensors, intersect, local_slices, write_checkpoint
 from megatron_bar.bar.roles import role_of
 from megatron_bar.bar.vocab import (TOKENIZER_SUBDIR, VOCAB_PARAMS, VocabMergeError, VocabPlan, merge_tokenizers,
                                     plan_vocabulary)
 from megatron_bar.model.config import ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free, incomplete_path
+from megatron_bar.utils.tensors import BufferPool, one_thread_per_op
 
 BASE_NAME = "(base)"  # the base of an upgrade, in reports (not a valid expert name)
 DOMAIN_EXPERT = 1  # a domain checkpoint's own expert
@@ -342,9 +343,10 @@ class _Executor:
         for key, (shape, _) in self.shapes.items():
             if role_of(key).group == "expert":
                 continue
-            layers = range(shape[0]) if key.startswith("decoder.layers.") else [None]
-            for layer in layers:
-                box = ((0,) * len(shape), shape) if layer is None else ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])
+            zeros = (0,) * (len(shape) - 1)
+            boxes = [((i,) + zeros, (1,) + shape[1:]) for i in range(shape[0])] if key.startswith("decoder.layers.") \
+                else [((0,) + zeros, shape)]
+            for box in boxes:
                 self.pool.give(self.fill(key, *box, copies=False))
 
 
@@ -398,8 +400,14 @@ def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | 
         print_fn(line)
     manifest.update(num_experts=out_cfg.num_experts, moe_topk=out_cfg.moe_topk,
                     norm_topk_prob=out_cfg.norm_topk_prob, tokenizer=tok_info)
+    def summarise():  # (once every chunk is read: the divergence, outliers, averaged tensors)
+        stats, status = ex.report()
+        manifest.update(divergence={g: s.as_dict() for g, s in stats.items()}, tensors=dict(sorted(status.items())),
+                        outliers=outliers({inp.name: inp.reader.max_abs for inp in inputs}))
+
     if save_dir is None:
         ex.survey()
+        summarise()
     else:
         stale = incomplete_path(save_dir)
         if stale.exists():
@@ -410,13 +418,8 @@ def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | 
             write_tokenizer(tmp / TOKENIZER_SUBDIR)
             for entry, inp in hashed:
                 entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
-            stats, status = ex.report()
-            manifest["divergence"] = {g: s.as_dict() for g, s in stats.items()}
-            manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
-            manifest["tensors"] = dict(sorted(status.items()))
+            summarise()
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    manifest["divergence"] = {g: s.as_dict() for g, s in ex.report()[0].items()}
-    manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
     report = format_divergence(manifest["divergence"], [inp.name for inp in inputs], manifest["outliers"])
     print_fn(report)
     if save_dir is not None:

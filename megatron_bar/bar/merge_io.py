@@ -9,13 +9,12 @@ tensor; each stored chunk's bytes are hashed (XXH3-128) for a content hash.
 Writing (:func:`write_checkpoint`): megatron's ``dist_checkpointing.save`` of the sharded
 state dict of the model built on the *meta* device - keys, shapes, chunks, ``common.pt`` and
 ``metadata.json`` are what megatron writes for that model, which loads at any TP / PP / EP -
-with a save planner whose ``resolve_data`` hands torch's writer each chunk, made on a thread
-while the writer writes the one before.
+with a save planner whose ``resolve_data`` hands torch's writer each chunk, made on threads
+ahead of the writer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import threading
@@ -60,38 +59,6 @@ def intersect(a: Box, b: Box) -> Box | None:
 
 class NonFiniteValue(ValueError):
     pass
-
-
-class BufferPool:
-    """Tensors to reuse, taken by shape and dtype and given back (a fresh large tensor costs
-    its page faults each time, more than the copy into it); shared by threads."""
-
-    def __init__(self):
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            for i, t in enumerate(self._free):
-                if t.shape == tuple(shape) and t.dtype == dtype:
-                    return self._free.pop(i)
-        return torch.empty(tuple(shape), dtype=dtype)
-
-    def give(self, *tensors: torch.Tensor) -> None:
-        with self._lock:
-            self._free.extend(tensors)
-
-
-@contextlib.contextmanager
-def one_thread_per_op():
-    """torch's ops on one thread each while it lasts: the merge's own threads use the cores,
-    and an op split over two threads waits for the busier core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _BoxLoadPlanner(DefaultLoadPlanner):
@@ -144,7 +111,8 @@ class CheckpointReader:
             k: v for k, v in self._metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
         # key -> {stored chunk box: its digest, once read whole}
-        self.digests = {k: {(tuple(c.offsets), tuple(c.sizes)): None for c in v.chunks} for k, v in self.tensors.items()}
+        self.digests = {k: {(tuple(c.offsets), tuple(c.sizes)): None for c in v.chunks}
+                        for k, v in self.tensors.items()}
         self.max_abs: dict[str, float] = {}  # key -> largest |value| in the boxes read
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -195,12 +163,6 @@ class CheckpointReader:
                 h.update(f"{key}|{list(box[0])}|{list(box[1])}|{self.dtype(key)}|".encode())
                 h.update(self.digests[key][box])
         return HASH_PREFIX + h.hexdigest()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 # -- the model megatron saves -------------------------------------------------------------
@@ -275,7 +237,8 @@ class _LazySavePlanner(MCoreSavePlanner):
     def finish_plan(self, new_plan):
         plan = super().finish_plan(new_plan)
         # torch's writer with one thread writes the tensor items in the plan's order
-        self.ahead = _Ahead(self.fill, self.done, [self._item(wi) for wi in plan.items if wi.type != WriteItemType.BYTE_IO])
+        tensors = [self._item(wi) for wi in plan.items if wi.type != WriteItemType.BYTE_IO]
+        self.ahead = _Ahead(self.fill, self.done, tensors)
         return plan
 
     @staticmethod
