@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_bar import platform
+from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_checkpoint_files
 from megatron_bar.model.config import ModelConfig
 
@@ -176,8 +177,6 @@ def _sharded_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     model kept per config: a merge asks for the same several times)."""
     ident = (json.dumps(cfg.to_dict(), sort_keys=True), dtype)
     if ident not in _MODELS:
-        from megatron_bar.model.builder import build_model
-
         platform.initialize()
         _MODELS[ident] = build_model(cfg, params_dtype=dtype, perform_initialization=False, device="meta")
     return _MODELS[ident].sharded_state_dict()
