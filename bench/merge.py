@@ -2,6 +2,7 @@
 
     python bench/merge.py                                  # K = 2 and 4, ~360 MiB each (bf16)
     python bench/merge.py --experts 2 --hidden 512 --layers 4
+    python bench/merge.py --repeat 3 --compare /work/main   # also merge with another checkout's code
 
 Writes max(K) synthetic 2-expert domain checkpoints of the given size (same anchor, every shared
 parameter and expert 1 different per domain - the worst case: everything shared is
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=5, help="merge / copy rounds (medians reported)")
     p.add_argument("--workdir", default=None, help="where to write (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--compare", metavar="CHECKOUT", default=None,
+                   help="another checkout of this repository: each round also merges with its code (before / after "
+                        "in one run: compare_merge_s, compare_ratio)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: OUT NAME=DIR ...
     return p.parse_args(argv)
 
@@ -182,9 +186,12 @@ def run_child(out: str, experts: list[str]) -> None:
     print(json.dumps({"merge_s": seconds, "peak_rss": peak, "rss_before": before}))
 
 
-def merge_in_child(out: Path, experts) -> dict:
+def merge_in_child(out: Path, experts, code: str | None = None) -> dict:
+    """The merge in a child process, with the code of checkout ``code`` if given."""
     cmd = [sys.executable, __file__, "--child", str(out)] + [f"{n}={p}" for n, p in experts]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MEGATRON_BAR_LOG_LEVEL": "WARNING"}
+    if code is not None:
+        env["PYTHONPATH"] = str(Path(code).resolve())
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"merge failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -211,7 +218,7 @@ def main(argv=None):
         for k in args.experts:
             experts = all_experts[:k]
             in_bytes = sum(_folder_bytes(p) for _, p in experts)
-            merges, copies, peaks, growth = [], [], [], []
+            merges, copies, peaks, growth, others = [], [], [], [], []
             out_bytes = 0
             for r in range(args.repeat):
                 out = root / f"merged{r}"
@@ -222,13 +229,18 @@ def main(argv=None):
                 peaks.append(res["peak_rss"])
                 growth.append(res["peak_rss"] - res["rss_before"])
                 shutil.rmtree(out)
+                if args.compare:
+                    _settle()
+                    others.append(merge_in_child(out, experts, args.compare)["merge_s"])
+                    shutil.rmtree(out)
                 dest = root / f"copy{r}"
                 dest.mkdir()
                 _settle()
                 copies.append(copy_folders([p for _, p in experts], dest))
                 shutil.rmtree(dest)
                 print(f"K={k} round {r}: merge {merges[-1]:.2f}s (peak RSS {peaks[-1] / 2**20:.0f} MiB), "
-                      f"copy {copies[-1]:.2f}s", flush=True)
+                      f"copy {copies[-1]:.2f}s" + (f", {args.compare}'s merge {others[-1]:.2f}s" if others else "")
+                      + f" (load {os.getloadavg()[0]:.1f})", flush=True)
             ratios = [m / c for m, c in zip(merges, copies)]
             runs.append({
                 "experts": k,
@@ -244,6 +256,9 @@ def main(argv=None):
                 "input_mb": round(in_bytes / 2**20, 1),
                 "output_mb": round(out_bytes / 2**20, 1),
             })
+            if others:
+                runs[-1].update(compare_merge_s=round(statistics.median(others), 3),
+                                compare_ratio=round(statistics.median(m / c for m, c in zip(others, copies)), 3))
             print(json.dumps(runs[-1]), flush=True)
         peaks = [r["peak_rss_mb"] for r in runs]
         print(json.dumps({"runs": runs, "peak_rss_spread": round(max(peaks) / min(peaks) - 1, 3)}))

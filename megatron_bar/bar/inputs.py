@@ -5,16 +5,18 @@ experts, and the anchor expert bit-identical in all (:func:`check_anchor`)."""
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from megatron_bar.bar.merge_io import Buffers, CheckpointReader, expected_tensors
+from megatron_bar.bar.merge_io import CheckpointReader, expected_tensors
 from megatron_bar.bar.roles import role_of
 from megatron_bar.bar.vocab import TOKENIZER_SUBDIR, VOCAB_PARAMS
 from megatron_bar.model.config import ConfigError, ModelConfig
+from megatron_bar.utils.tensors import BufferPool
 
 ANCHOR = 0
 # Fields that may differ between the checkpoints being merged: the merge decides them.
@@ -129,27 +131,40 @@ def _expert_keys(keys) -> list[str]:
     return [k for k in keys if role_of(k).group == "expert"]
 
 
-def check_anchor(ref: Input, inp: Input) -> None:
-    """Expert 0 (the anchor) of ``inp`` equals that of ``ref``, bit for bit (else a
-    MergeError naming the tensor, the layer and the largest difference)."""
-    buffers = Buffers()
-    for key in _expert_keys(inp.model_keys):
-        shape = inp.reader.shape(key)  # [layers, experts, ...]
-        worst, where = 0.0, None
-        for layer in range(shape[0]):
-            box = ((layer, ANCHOR) + (0,) * (len(shape) - 2), (1, 1) + shape[2:])
-            a = inp.reader.read(key, *box, out=buffers.get("anchor", box[1], inp.reader.dtype(key)))
-            b = ref.reader.read(key, *box)
-            if not torch.equal(a, b):
-                d = (a.float() - b.float()).abs().max().item()
-                if where is None or d > worst or math.isnan(d):
-                    worst, where = d, layer
-        if where is not None:
-            raise MergeError(
-                f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
-                f"tensor {key!r} (layer {where}, expert 0) max |difference| {worst:.3g}. Every "
-                f"expert must start from the same base and keep expert 0 frozen."
-            )
+def check_anchor(ref: Input, others: Sequence[Input]) -> None:
+    """Expert 0 (the anchor) of each of ``others`` equals that of ``ref``, bit for bit (else
+    a MergeError naming the first such input, its tensor, the layer and the largest
+    difference). Each stored chunk of ``ref``'s anchor is read once, and compared with the
+    same box of every other input; two chunks at a time, on two threads."""
+    pool = BufferPool()
+
+    def differences(key: str, box) -> list[tuple[int, float]]:  # (input, max |difference|) where it differs
+        dtype, out = ref.reader.dtype(key), []
+        a, b = ref.reader.read(key, *box, out=pool.take(box[1], dtype)), pool.take(box[1], dtype)
+        for i, inp in enumerate(others):
+            if not torch.equal(a, inp.reader.read(key, *box, out=b)):
+                out.append((i, (a.float() - b.float()).abs().max().item()))
+        pool.give(a, b)
+        return out
+
+    # [layers, experts, ...]: the anchor's chunks are those at expert 0
+    boxes = [(key, box) for key in _expert_keys(ref.model_keys) for box in ref.reader.chunks(key)
+             if box[0][1] == ANCHOR]
+    found: dict[tuple[int, str], tuple[float, int]] = {}  # (input, tensor) -> (max |difference|, layer)
+    with ThreadPoolExecutor(2, thread_name_prefix="anchor-check") as threads:
+        for (key, box), diffs in zip(boxes, threads.map(lambda kb: differences(*kb), boxes)):
+            for i, d in diffs:
+                worst = found.get((i, key))
+                if worst is None or d > worst[0] or math.isnan(d):
+                    found[i, key] = (d, box[0][0])
+    if found:
+        i, key = min(found)
+        inp, (worst, layer) = others[i], found[i, key]
+        raise MergeError(
+            f"the anchor expert of {inp.name} ({inp.path}) differs from that of {ref.name}: "
+            f"tensor {key!r} (layer {layer}, expert 0) max |difference| {worst:.3g}. Every "
+            f"expert must start from the same base and keep expert 0 frozen."
+        )
 
 
 def check_inputs(ref: Input, inputs: Sequence[Input], domains: Sequence[Input]) -> None:

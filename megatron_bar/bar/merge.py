@@ -9,8 +9,9 @@ for a new domain checkpoint's expert 1, ``add`` appends one). Both only build a
 it to one executor (:func:`_run`): the checks, the streaming, the manifest and the
 divergence report are the same for both.
 
-Everything streams: each output chunk is made when megatron's save writes it, from the
-inputs' chunks (:mod:`merge_io`), so memory does not grow with the number of experts.
+Everything streams: each output chunk is made from the inputs' chunks just ahead of
+megatron's save writing it (:mod:`merge_io`), so memory does not grow with the number of
+experts.
 Nothing is written until every check has passed (the anchor compared bit for bit
 included); the output folder appears only when complete, with ``bar_manifest.json``
 (experts, sources, content hashes, averaging, divergence report). A non-finite input value
@@ -32,12 +33,13 @@ import torch
 from megatron_bar.bar.divergence import GroupStats, format_divergence, outliers, report_group
 from megatron_bar.bar.inputs import ANCHOR, Input, MergeError, check_anchor, check_inputs, open_input
 from megatron_bar.bar.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ManifestError, read_manifest
-from megatron_bar.bar.merge_io import Buffers, expected_tensors, intersect, local_slices, write_checkpoint
+from megatron_bar.bar.merge_io import expected_tensors, intersect, local_slices, write_checkpoint
 from megatron_bar.bar.roles import role_of
 from megatron_bar.bar.vocab import (TOKENIZER_SUBDIR, VOCAB_PARAMS, VocabMergeError, VocabPlan, merge_tokenizers,
                                     plan_vocabulary)
 from megatron_bar.model.config import ModelConfig
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free, incomplete_path
+from megatron_bar.utils.tensors import BufferPool, one_thread_per_op
 
 BASE_NAME = "(base)"  # the base of an upgrade, in reports (not a valid expert name)
 DOMAIN_EXPERT = 1  # a domain checkpoint's own expert
@@ -219,23 +221,33 @@ def _vocab_rows(plan: VocabPlan, inputs: Sequence[Input], weights: Sequence[floa
 # -- the executor -------------------------------------------------------------------------
 
 
+def _sq_norm(x: torch.Tensor) -> float:
+    """The sum of squares of the fp32 vector ``x``, a row of 1024 at a time (fp32 sums over
+    millions of values drift by 1e-4 and more)."""
+    cut = x.numel() - x.numel() % 1024
+    rows = torch.linalg.vector_norm(x[:cut].view(-1, 1024), dim=1).double()
+    return float(rows.square().sum()) + float(torch.linalg.vector_norm(x[cut:])) ** 2
+
+
 class _Executor:
-    """Makes any box of any output tensor from the inputs by the plan's steps, one stored
-    input chunk at a time, and keeps the divergence statistics of the means."""
+    """Makes any box of any output tensor from the inputs by the plan's steps, reading each
+    input's part into the output (or a buffer) directly, on any thread; keeps what each
+    mean adds to the divergence report."""
+
+    BLOCK = 1 << 20  # values per step of a mean's fp32 arithmetic (its scratch memory, in cache)
 
     def __init__(self, inputs: Sequence[Input], plan: MergePlan, shapes: dict):
         self.inputs, self.plan, self.shapes = inputs, plan, shapes
-        self.stats: dict[str, GroupStats] = {}
-        self.tensor_status: dict[str, str] = {}
-        self.buffers = Buffers()
+        self.pool = BufferPool()
+        self.means: dict[tuple, tuple] = {}  # (key, offsets) -> (values, all equal, [(name, distance stats)])
 
     def fill(self, key: str, offsets, sizes, copies: bool = True) -> torch.Tensor:
-        """Box ``(offsets, sizes)`` of output tensor ``key``, valid until the next call (the
-        writer writes each before it asks for the next); ``copies=False``: only the means
-        are computed (a dry run's statistics)."""
+        """Box ``(offsets, sizes)`` of output tensor ``key``, in a buffer of the pool (for
+        :meth:`BufferPool.give` once written); ``copies=False``: only the means are computed
+        (a dry run's statistics)."""
         shape, dtype = self.shapes[key]
         box = (tuple(offsets), tuple(sizes))
-        out = self.buffers.get("out", box[1], dtype)
+        out = self.pool.take(box[1], dtype)
         for sl in self.plan.tensor_slices(key):
             off, sz = [0] * len(shape), list(shape)
             if sl.axis is not None:
@@ -243,8 +255,6 @@ class _Executor:
             part = intersect(box, (tuple(off), tuple(sz)))
             if part is None:
                 continue
-            if part == box and isinstance(sl.step, Copy) and copies:  # (an expert: no copy)
-                return self._read(sl.step.src, sl, key, part)
             dst = out[local_slices(box[0], *part)]
             if isinstance(sl.step, Zero):
                 dst.zero_()
@@ -255,58 +265,89 @@ class _Executor:
                 self._mean(sl.step, sl, key, part, dst)
         return out
 
-    def _read(self, src: Src, sl: Slice, key: str, part, out=None) -> torch.Tensor:
+    def _read(self, src: Src, sl: Slice, key: str, part, out: torch.Tensor) -> torch.Tensor:
         off = list(part[0])
         if src.index is not None:
             off[sl.axis] = src.index + part[0][sl.axis] - sl.start
-        return self.inputs[src.input].reader.read(key, off, part[1], out=out, shared=out is None)
+        return self.inputs[src.input].reader.read(key, off, part[1], out=out)
+
+    def _blocks(self, tmp: torch.Tensor, *tensors):
+        """Matching blocks of BLOCK values of the (contiguous) ``tensors``, and of ``tmp``."""
+        flat = [t.view(-1) for t in tensors]
+        for a in range(0, flat[0].numel(), self.BLOCK):
+            part = [f[a:a + self.BLOCK] for f in flat]
+            yield part + [tmp[:part[0].numel()]]
 
     def _mean(self, step: Mean, sl: Slice, key: str, part, dst: torch.Tensor) -> None:
-        # Inputs are read one at a time (twice where reported: for the mean, then for the
-        # distance from it), so memory does not grow with their number.
-        first = self.buffers.get("first", part[1], dst.dtype).copy_(self._read(step.srcs[0], sl, key, part))
-        acc = self.buffers.get("acc", part[1], torch.float32).copy_(first).mul_(step.weights[0])
-        tmp = self.buffers.get("tmp", part[1], torch.float32)
-        same = True
+        # The first input is read into the output, the others one at a time into x (memory
+        # does not grow with their number); a reported input no longer loaded is read again
+        # for its distance from the mean.
+        work = dst if dst.is_contiguous() else self.pool.take(part[1], dst.dtype)
+        acc, x = self.pool.take(part[1], torch.float32), self.pool.take(part[1], dst.dtype)
+        tmp = self.pool.take((min(self.BLOCK, work.numel()),), torch.float32)
+        self._read(step.srcs[0], sl, key, part, work)
+        for a, w0, _ in self._blocks(tmp, acc, work):
+            a.copy_(w0).mul_(step.weights[0])
+        same, loaded = True, step.srcs[0]
         for src, w in zip(step.srcs[1:], step.weights[1:]):  # (x * w summed in order, in fp32)
-            x = self._read(src, sl, key, part)
-            same = same and torch.equal(first, x)
-            acc.add_(tmp.copy_(x).mul_(w))
+            loaded = src
+            self._read(src, sl, key, part, x)
+            same = same and torch.equal(work, x)
+            for a, xb, t in self._blocks(tmp, acc, x):
+                a.add_(t.copy_(xb).mul_(w))
         if same:
-            acc.copy_(first)
-        dst.copy_(first if same else acc)
-        n = dst.numel()
-        st = self.stats.setdefault(report_group(key), GroupStats())
-        st.tensors.add(key)
-        st.params += n
-        if same:
-            self.tensor_status.setdefault(key, "copied")
-        else:
-            st.averaged_params += n
-            self.tensor_status[key] = "averaged"
-        sq_m = float(torch.linalg.vector_norm(acc)) ** 2 if step.report else 0.0
+            acc.copy_(work)
+        n, dists = work.numel(), []
+        sq_m = _sq_norm(acc.view(-1)) if step.report else 0.0
         for name, src in reversed(step.report):  # (the last input read is still loaded)
-            if (same and src in step.srcs) or not n:
-                d2 = dmax = 0.0
-            else:
-                x = first if src == step.srcs[0] else self._read(src, sl, key, part)
-                d = tmp.copy_(x).sub_(acc)
-                d2 = float(torch.linalg.vector_norm(d)) ** 2
-                lo, hi = torch.aminmax(d)
-                dmax = max(-float(lo), float(hi))
-            st.add(name, d2, sq_m, dmax)
+            d2 = dmax = 0.0
+            if not (same and src in step.srcs) and n:
+                if src == step.srcs[0]:
+                    v = work
+                elif src == loaded:
+                    v = x
+                else:
+                    v, loaded = self._read(src, sl, key, part, x), src
+                for a, vb, t in self._blocks(tmp, acc, v):
+                    d = t.copy_(vb).sub_(a)
+                    d2 += _sq_norm(d)
+                    lo, hi = torch.aminmax(d)
+                    dmax = max(dmax, -float(lo), float(hi))
+            dists.append((name, d2, sq_m, dmax))
+        self.means[key, part[0]] = (n, same, dists)
+        if not same:
+            work.copy_(acc)
+        if work is not dst:
+            dst.copy_(work)
+            self.pool.give(work)
+        self.pool.give(acc, x, tmp)
+
+    def report(self) -> tuple[dict[str, GroupStats], dict[str, str]]:
+        """The divergence statistics per report group, and each averaged tensor's status
+        ("copied": its inputs all agreed), summed in key order (the same whatever the
+        threads' order)."""
+        stats: dict[str, GroupStats] = {}
+        status: dict[str, str] = {}
+        for (key, _), (n, same, dists) in sorted(self.means.items()):
+            st = stats.setdefault(report_group(key), GroupStats())
+            st.tensors.add(key)
+            st.params += n
+            st.averaged_params += 0 if same else n
+            status[key] = "copied" if same and status.get(key) != "averaged" else "averaged"
+            for d in dists:
+                st.add(*d)
+        return stats, status
 
     def survey(self) -> None:
         """A dry run: the means of every output tensor, a layer at a time, nothing kept."""
         for key, (shape, _) in self.shapes.items():
             if role_of(key).group == "expert":
                 continue
-            layers = range(shape[0]) if key.startswith("decoder.layers.") else [None]
-            for layer in layers:
-                if layer is None:
-                    self.fill(key, (0,) * len(shape), shape, copies=False)
-                else:
-                    self.fill(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:], copies=False)
+            zeros = (0,) * (len(shape) - 1)
+            boxes = [((i,) + zeros, (1,) + shape[1:]) for i in range(shape[0])] if key.startswith("decoder.layers.") \
+                else [((0,) + zeros, shape)]
+            for box in boxes:
+                self.pool.give(self.fill(key, *box, copies=False))
 
 
 @dataclass
@@ -333,61 +374,60 @@ def _now() -> str:
 # -- one run, merge or upgrade ------------------------------------------------------------
 
 
+@one_thread_per_op()
 def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | None, save_dir: Path | None,
          lines: list[str], manifest: dict, hashed: list, print_fn: Callable) -> MergeResult:
     """Check, execute ``plan`` and write (``save_dir`` None: a dry run). ``inputs[0]`` is
     the reference (its anchor, architecture, dtype); ``hashed``: (manifest entry, input)
     pairs, the entry getting the input's content hash."""
-    try:
-        ref, vocab = inputs[0], plan.vocab
-        out_cfg = _output_config(ref.cfg, len(plan.experts), vocab.vocab_size, topk)
-        write_tokenizer, tok_info = tokenizer
-        for inp in inputs[1:]:
-            check_anchor(ref, inp)
-        dtype = ref.reader.dtype(VOCAB_PARAMS[0])
-        shapes = expected_tensors(out_cfg, dtype)
-        ex = _Executor(inputs, plan, shapes)
-        ignored = [f"{inp.name}: {inp.ignored}" for inp in inputs if inp.ignored]
-        if ignored:
-            lines.append(f"  ignored (not model weights, e.g. optimizer state): {', '.join(ignored)} tensors")
-        size = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
-        lines.append(f"  output: {len(shapes)} tensors, {size / 2**20:.1f} MiB")
-        lines[1:1] = [
-            f"  model: {out_cfg.num_experts} experts, top-{out_cfg.moe_topk}"
-            f"{' (renormalised)' if out_cfg.norm_topk_prob else ''}, vocabulary {vocab.vocab_size} "
-            f"(padded {vocab.padded}), {out_cfg.num_layers} layers, hidden {out_cfg.hidden_size}, {dtype}"]
-        for line in lines:
-            print_fn(line)
-        manifest.update(num_experts=out_cfg.num_experts, moe_topk=out_cfg.moe_topk,
-                        norm_topk_prob=out_cfg.norm_topk_prob, tokenizer=tok_info)
-        if save_dir is None:
-            ex.survey()
-        else:
-            stale = incomplete_path(save_dir)
-            if stale.exists():
-                print_fn(f"removing {stale}, left behind by a merge that did not finish")
-            # A full disk, found before writing or during it, is a DiskFullError naming save_dir.
-            with atomic_output_dir(save_dir, need_bytes=size) as tmp:
-                write_checkpoint(out_cfg, dtype, tmp, ex.fill)
-                write_tokenizer(tmp / TOKENIZER_SUBDIR)
-                for entry, inp in hashed:
-                    entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
-                manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
-                manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
-                manifest["tensors"] = dict(sorted(ex.tensor_status.items()))
-                (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        manifest["divergence"] = {g: s.as_dict() for g, s in ex.stats.items()}
-        manifest["outliers"] = outliers({inp.name: inp.reader.max_abs for inp in inputs})
-        report = format_divergence(manifest["divergence"], [inp.name for inp in inputs], manifest["outliers"])
-        print_fn(report)
-        if save_dir is not None:
-            print_fn(f"wrote {save_dir} ({out_cfg.num_experts} experts: anchor + "
-                     f"{', '.join(e['name'] for e in manifest['experts'])}; top-{out_cfg.moe_topk})")
-        else:
-            print_fn("dry run: nothing written")
-        return MergeResult(out_cfg, manifest, report, save_dir)
-    finally:
-        inputs[0].reader.close()  # (frees the buffers all readers share)
+    ref, vocab = inputs[0], plan.vocab
+    out_cfg = _output_config(ref.cfg, len(plan.experts), vocab.vocab_size, topk)
+    write_tokenizer, tok_info = tokenizer
+    check_anchor(ref, inputs[1:])
+    dtype = ref.reader.dtype(VOCAB_PARAMS[0])
+    shapes = expected_tensors(out_cfg, dtype)
+    ex = _Executor(inputs, plan, shapes)
+    ignored = [f"{inp.name}: {inp.ignored}" for inp in inputs if inp.ignored]
+    if ignored:
+        lines.append(f"  ignored (not model weights, e.g. optimizer state): {', '.join(ignored)} tensors")
+    size = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
+    lines.append(f"  output: {len(shapes)} tensors, {size / 2**20:.1f} MiB")
+    lines[1:1] = [
+        f"  model: {out_cfg.num_experts} experts, top-{out_cfg.moe_topk}"
+        f"{' (renormalised)' if out_cfg.norm_topk_prob else ''}, vocabulary {vocab.vocab_size} "
+        f"(padded {vocab.padded}), {out_cfg.num_layers} layers, hidden {out_cfg.hidden_size}, {dtype}"]
+    for line in lines:
+        print_fn(line)
+    manifest.update(num_experts=out_cfg.num_experts, moe_topk=out_cfg.moe_topk,
+                    norm_topk_prob=out_cfg.norm_topk_prob, tokenizer=tok_info)
+    def summarise():  # (once every chunk is read: the divergence, outliers, averaged tensors)
+        stats, status = ex.report()
+        manifest.update(divergence={g: s.as_dict() for g, s in stats.items()}, tensors=dict(sorted(status.items())),
+                        outliers=outliers({inp.name: inp.reader.max_abs for inp in inputs}))
+
+    if save_dir is None:
+        ex.survey()
+        summarise()
+    else:
+        stale = incomplete_path(save_dir)
+        if stale.exists():
+            print_fn(f"removing {stale}, left behind by a merge that did not finish")
+        # A full disk, found before writing or during it, is a DiskFullError naming save_dir.
+        with atomic_output_dir(save_dir, need_bytes=size) as tmp:
+            write_checkpoint(out_cfg, dtype, tmp, ex.fill, ex.pool.give)
+            write_tokenizer(tmp / TOKENIZER_SUBDIR)
+            for entry, inp in hashed:
+                entry["content_hash"] = inp.reader.content_hash(inp.model_keys)
+            summarise()
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    report = format_divergence(manifest["divergence"], [inp.name for inp in inputs], manifest["outliers"])
+    print_fn(report)
+    if save_dir is not None:
+        print_fn(f"wrote {save_dir} ({out_cfg.num_experts} experts: anchor + "
+                 f"{', '.join(e['name'] for e in manifest['experts'])}; top-{out_cfg.moe_topk})")
+    else:
+        print_fn("dry run: nothing written")
+    return MergeResult(out_cfg, manifest, report, save_dir)
 
 
 def _vocabulary(inputs: Sequence[Input], keep_rows_of: int | None = None) -> tuple[VocabPlan, tuple]:

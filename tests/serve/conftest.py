@@ -18,9 +18,9 @@ DOMAINS = ("tool_use", "general")
 def _domain_expert(src: Path, out: Path, seed: int) -> Path:
     """``src`` with expert 1 and the router moved, as a domain's stage 1 would."""
     g = torch.Generator().manual_seed(seed)
-    with CheckpointReader(src) as r:
-        cfg = r.config
-        tensors = {k: r.read(k, (0,) * len(r.shape(k)), r.shape(k)) for k in r.keys()}
+    r = CheckpointReader(src)
+    cfg = r.config
+    tensors = {k: r.read(k, (0,) * len(r.shape(k)), r.shape(k)) for k in r.keys()}
     for k, v in tensors.items():
         if ".mlp.experts." in k:
             v[:, 1] += torch.randn(v[:, 1].shape, generator=g) * 0.05
