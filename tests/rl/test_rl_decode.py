@@ -10,12 +10,9 @@ import copy
 import pytest
 import torch
 
-import megatron_bar
-from megatron_bar.convert.hf_io import hf_config_from_model_config
+from helpers import perturbed_bar2_worker
 from megatron_bar.rl.decode import decode, sample_rows
 from megatron_bar.rl.grpo import token_entropy
-from megatron_bar.rl.rollout import RolloutWorker
-from megatron_bar.rl.weights import gather_hf_state_dict
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13]]
 EOS, PAD = 2, 3
@@ -23,15 +20,7 @@ EOS, PAD = 2, 3
 
 @pytest.fixture(scope="module")
 def model(tiny_base):
-    policy = megatron_bar.load_model(tiny_base["bar2"])
-    torch.manual_seed(0)
-    with torch.no_grad():  # experts and router apart, so that routing matters
-        for name, p in policy.gpt.named_parameters():
-            if "local_experts.1" in name or "router" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    w = RolloutWorker(hf_config_from_model_config(policy.config, torch.float32))
-    w.set_weights(gather_hf_state_dict(policy.gpt, policy.config), 1)
-    return w.model
+    return perturbed_bar2_worker(tiny_base["bar2"]).model
 
 
 def _batch(prompts):

@@ -7,26 +7,15 @@ asks the model for one position's logits per step: tests/rl/test_rl_decode.py.)"
 import pytest
 import torch
 
-import megatron_bar
-from megatron_bar.convert.hf_io import hf_config_from_model_config
+from helpers import perturbed_bar2_worker
 from megatron_bar.rl.grpo import token_entropy
-from megatron_bar.rl.rollout import RolloutWorker
-from megatron_bar.rl.weights import gather_hf_state_dict
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10]]
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_base):
-    policy = megatron_bar.load_model(tiny_base["bar2"])
-    torch.manual_seed(0)
-    with torch.no_grad():  # experts and router apart, so that routing matters
-        for name, p in policy.gpt.named_parameters():
-            if "local_experts.1" in name or "router" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    w = RolloutWorker(hf_config_from_model_config(policy.config, torch.float32))
-    w.set_weights(gather_hf_state_dict(policy.gpt, policy.config), 1)
-    return w
+    return perturbed_bar2_worker(tiny_base["bar2"])
 
 
 def _reference(worker, prompt, completion, temperature):
