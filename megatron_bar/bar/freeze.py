@@ -14,8 +14,11 @@ the set of groups it trains:
 
 The anchor expert (expert 0, the dense model's FFN) is frozen in every BAR stage, and so
 is its router row: a row of a weight cannot be frozen with ``requires_grad``, so
-:class:`RouterRowFreeze` zeroes that row's gradient before each step and restores its
-bits after, which keeps it bit-identical whatever the optimizer does.
+:class:`FrozenRows` zeroes that row's gradient before each step and restores its bits
+after, which keeps it bit-identical whatever the optimizer does. The same holds the
+vocabulary rows of the tokens a stage did not add (``optim.train_only_added_vocab_rows``):
+then a stage that adds special tokens trains their embedding and LM head rows and leaves
+every other row as the anchor has it, so the merge's average of those rows loses nothing.
 """
 
 from __future__ import annotations
@@ -139,25 +142,45 @@ def format_freeze_table(policy: FreezePolicy, counts: dict[str, dict[str, int]])
     return "\n".join(lines)
 
 
-class RouterRowFreeze:
-    """Keeps the anchor's router row bit-identical while the other rows train."""
+class FrozenRows:
+    """Rows of trainable weights that keep their bits: their gradient is zeroed after
+    backward (so they take no share of the clipped norm and Adam never moves them) and
+    their bits are put back after the step (weight decay, Adam's eps)."""
 
-    def __init__(self, model, policy: FreezePolicy):
-        self.params = []
-        if "router" in policy.trainable and not policy.anchor_router_row_trainable:
-            self.params = [p for n, p in model.named_parameters()
-                           if n.endswith("mlp.router.weight") and p.requires_grad]
-        self.saved = [p.detach()[ANCHOR_EXPERT].clone() for p in self.params]
+    def __init__(self, rows: list[tuple[torch.nn.Parameter, torch.Tensor]]):
+        self.rows = [(p, index) for p, index in rows if bool(index.any())]
+        self.saved = [p.detach()[index].clone() for p, index in self.rows]
+
+    @classmethod
+    def of_stage(cls, model, policy: FreezePolicy, trained_vocab_rows: range | None = None) -> "FrozenRows":
+        """The anchor's router row where the policy trains the router, and - when
+        ``trained_vocab_rows`` is given - every embedding / LM head row outside it."""
+        rows = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            group = role_of(name).group
+            if group == "router" and not policy.anchor_router_row_trainable:
+                index = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+                index[ANCHOR_EXPERT] = True
+                rows.append((p, index))
+            elif group in ("embedding", "lm_head") and trained_vocab_rows is not None:
+                # Both shard the vocabulary evenly over TP ranks, in rank order.
+                first = parallel_state.get_tensor_model_parallel_rank() * p.shape[0]
+                ids = torch.arange(first, first + p.shape[0], device=p.device)
+                trained = (ids >= trained_vocab_rows.start) & (ids < trained_vocab_rows.stop)
+                rows.append((p, ~trained))
+        return cls(rows)
 
     def mask_gradients(self) -> None:
-        """After backward, before the optimizer: the row gets no gradient (nor clip share)."""
-        for p in self.params:
+        """After backward, before the optimizer."""
+        for p, index in self.rows:
             for grad in (getattr(p, "main_grad", None), p.grad):
                 if grad is not None:
-                    grad[ANCHOR_EXPERT].zero_()
+                    grad[index] = 0
 
     @torch.no_grad()
     def restore(self) -> None:
-        """After the optimizer step: put the row's bits back (weight decay, Adam's eps...)."""
-        for p, row in zip(self.params, self.saved):
-            p[ANCHOR_EXPERT].copy_(row)
+        """After the optimizer step."""
+        for (p, index), saved in zip(self.rows, self.saved):
+            p[index] = saved

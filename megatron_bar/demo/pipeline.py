@@ -71,6 +71,11 @@ class DemoSettings:
     # ... except in the stage that adds the tool-call tokens: the method unfreezes the
     # embeddings in SFT for exactly this (new tokens), and at 0.01 their rows barely move.
     new_token_embedding_lr_scale: float = 0.1
+    # optim.train_only_added_vocab_rows in the BAR expert stages: "no"; "added" (the stage
+    # that adds the tool-call tokens trains only their rows, at new_token_embedding_lr_scale,
+    # embedding and LM head alike); "all" (that, and no other expert stage trains a
+    # vocabulary row).
+    vocab_rows: str = "no"
     rl_prompts: int = 8
     rl_samples: int = 8
     rl_max_tokens: int = 24
@@ -140,6 +145,16 @@ class Planner:
         return [{"path": str(self.data / sub / f"{d}.jsonl"), "kind": kind, "weight": w, "domain": d}
                 for d, w in domain_weights.items()]
 
+    def _shared_lr(self, stage: str, special: bool) -> dict:
+        """The optim settings of the shared parameters (they apply in the BAR expert stages)."""
+        s = self.s
+        by_group = {"embedding": s.new_token_embedding_lr_scale if special else s.embedding_lr_scale}
+        rows_only = stage in ("midtrain", "sft", "rlvr") and (s.vocab_rows == "all" or (s.vocab_rows == "added" and special))
+        if rows_only and special:
+            by_group["lm_head"] = s.new_token_embedding_lr_scale
+        return {"shared_lr_scale": s.shared_lr_scale, "shared_lr_scale_by_group": by_group,
+                "train_only_added_vocab_rows": rows_only}
+
     def train(self, name: str, load_job: str, stage: str, steps: int, lr: float, datasets: list[dict],
               deps=(), special: bool = False, router_init: str = "none", fraction: float = 1.0,
               epochs: float | None = None, label: str = "", threads: int = 1) -> str:
@@ -151,9 +166,7 @@ class Planner:
                      "add_special_tokens": list(D.TOOL_CALL_TOKENS) if special else []},
             "optim": {"lr": lr, "schedule": "cosine" if stage != "router" else "constant",
                       "warmup_steps": 0 if stage == "router" else max(1, steps // 10), "clip_grad": 1.0,
-                      "shared_lr_scale": s.shared_lr_scale,
-                      "shared_lr_scale_by_group": {
-                          "embedding": s.new_token_embedding_lr_scale if special else s.embedding_lr_scale}},
+                      **self._shared_lr(stage, special)},
             "train": {"stage": stage, "steps": None if epochs else steps, "epochs": epochs or 1.0,
                       "global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size,
                       "seed": s.seed + 1234, "log_interval": max(1, steps // 10), "output_dir": str(out)},
@@ -185,8 +198,7 @@ class Planner:
                    "samples_per_prompt": s.rl_samples, "prompts_per_rollout": s.rl_prompts,
                    "temperature": 1.0, "max_response_tokens": s.rl_max_tokens, "num_workers": 1,
                    "timeout_s": 600.0},
-            "optim": {"lr": s.lr_rl, "schedule": "constant", "clip_grad": 1.0, "shared_lr_scale": s.shared_lr_scale,
-                      "shared_lr_scale_by_group": {"embedding": s.embedding_lr_scale}},
+            "optim": {"lr": s.lr_rl, "schedule": "constant", "clip_grad": 1.0, **self._shared_lr(stage, False)},
             "train": {"stage": stage, "steps": steps, "micro_batch_size": s.rl_prompts * s.rl_samples,
                       "global_batch_size": s.rl_prompts * s.rl_samples,
                       "seed": s.seed + 1234, "log_interval": 1, "output_dir": str(out)},

@@ -500,8 +500,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         load_weights(model, model_cfg, cfg.model.load)
     total_steps = cfg.train.steps
     run = setup_training(cfg, model, model_cfg, total_steps, resume_from)
-    ddp, optimizer, scheduler, router_rows, step = (
-        run.ddp, run.optimizer, run.scheduler, run.router_rows, run.step)
+    ddp, optimizer, scheduler, frozen_rows, step = (
+        run.ddp, run.optimizer, run.scheduler, run.frozen_rows, run.step)
     ref_model = None
     if rl.kl_beta > 0:
         ref_model = build_model(model_cfg, perform_initialization=False)
@@ -585,7 +585,7 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             t1 = time.perf_counter()
             update = {}
             if rollouts:
-                update = _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, rl,
+                update = _update(ddp, model, optimizer, frozen_rows, ref_model, rollouts, model_cfg, rl,
                                  length, mbs, dp_rank, dp_size, tokenizer.pad_id, replay)
             scheduler.step(increment=1)
             t_train = time.perf_counter() - t1
@@ -642,7 +642,7 @@ def _rank_share(rollouts: list[Rollout], dp_rank: int, dp_size: int) -> list[Rol
     return share
 
 
-def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, rl, length, mbs,
+def _update(ddp, model, optimizer, frozen_rows, ref_model, rollouts, model_cfg, rl, length, mbs,
             dp_rank, dp_size, pad_id, replay: RoutingReplay | None = None) -> dict:
     """``rl.minibatches`` optimizer steps on the rollouts, each on this rank's share of one
     minibatch. The old policy (the ratio's denominator) is the trainer's policy before the
@@ -705,9 +705,9 @@ def _update(ddp, model, optimizer, router_rows, ref_model, rollouts, model_cfg, 
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         out = forward_backward(ddp, group, vocab, loss_fn=loss_fn, before_forward=before_forward)
-        router_rows.mask_gradients()
+        frozen_rows.mask_gradients()
         _, grad_norm, _ = optimizer.step()
-        router_rows.restore()
+        frozen_rows.restore()
         totals = torch.tensor([sum(x.item() for x in out.losses), sum(x.item() for x in out.tokens)],
                               dtype=torch.float64, device=platform.device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())

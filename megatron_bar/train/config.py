@@ -87,6 +87,12 @@ class OptimConfig:
     # the demo the averaged embeddings cost the code expert everything, the averaged LM
     # head almost nothing). Keys: embedding, lm_head, attention, norms.
     shared_lr_scale_by_group: dict[str, float] = field(default_factory=dict)
+    # Of the embedding and LM head, train only the rows of the tokens this stage adds
+    # (data.add_special_tokens); every other row keeps the bits it starts with. A stage
+    # that adds tokens needs their rows trained, not the whole vocabulary moved: the
+    # merge averages the rows every expert shares, and takes an added token's rows from
+    # the experts that have it. A stage that adds none then trains no vocabulary row.
+    train_only_added_vocab_rows: bool = False
 
 
 @dataclass

@@ -29,7 +29,7 @@ from megatron_bar.bar.freeze import (
     EXPERT_STAGES,
     FREEZE_POLICIES,
     SHARED_GROUPS,
-    RouterRowFreeze,
+    FrozenRows,
     apply_freeze_policy,
     format_freeze_table,
     freeze_counts,
@@ -142,17 +142,24 @@ class TrainingSetup:
     ddp: object
     optimizer: object
     scheduler: OptimizerParamScheduler
-    router_rows: RouterRowFreeze
+    frozen_rows: FrozenRows  # the anchor's router row, and the vocabulary rows a stage does not train
     step: int  # optimizer steps already done (0, or the resumed checkpoint's)
 
 
 def setup_training(cfg: TrainConfig, model, model_cfg: ModelConfig, total_steps: int,
-                   resume_from: Path | None) -> TrainingSetup:
+                   resume_from: Path | None, added_vocab_rows: range = range(0)) -> TrainingSetup:
     """Freeze policy (printed), DDP, optimizer, LR schedule, and - when resuming - their
-    state from the checkpoint. Shared by the SFT-style trainer and the RLVR trainer."""
+    state from the checkpoint. Shared by the SFT-style trainer and the RLVR trainer.
+    ``added_vocab_rows``: the ids of the tokens this stage added (``data.add_special_tokens``)."""
     policy = FREEZE_POLICIES[cfg.train.stage]
     groups = apply_freeze_policy(model, policy, model_cfg.num_experts)
     _print0(format_freeze_table(policy, freeze_counts(model, groups)))
+    trained_vocab_rows = None
+    if cfg.optim.train_only_added_vocab_rows:
+        trained_vocab_rows = added_vocab_rows
+        _print0(f"vocabulary rows: only those of the tokens this stage added "
+                f"({added_vocab_rows.start}..{added_vocab_rows.stop - 1}) train" if added_vocab_rows else
+                "vocabulary rows: this stage adds no token, so no embedding or LM head row trains")
     ddp = wrap_ddp(model, use_distributed_optimizer(cfg.parallel))
     o = cfg.optim
     optimizer = make_optimizer(
@@ -168,8 +175,8 @@ def setup_training(cfg: TrainConfig, model, model_cfg: ModelConfig, total_steps:
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         _print0(f"resumed from {resume_from} at step {step}")
-    # After a resume: the anchor's router row as loaded.
-    return TrainingSetup(ddp, optimizer, scheduler, RouterRowFreeze(model, policy), step)
+    # After a resume: the frozen rows as loaded.
+    return TrainingSetup(ddp, optimizer, scheduler, FrozenRows.of_stage(model, policy, trained_vocab_rows), step)
 
 
 def _global_loss(out) -> tuple[float, int]:
@@ -274,9 +281,9 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
     if resume_from is None and cfg.router.init == "domain_means":
         _init_router_from_domains(cfg, model, model_cfg, data)
 
-    run = setup_training(cfg, model, model_cfg, total_steps, resume_from)
-    ddp, optimizer, scheduler, router_rows, step = (
-        run.ddp, run.optimizer, run.scheduler, run.router_rows, run.step)
+    run = setup_training(cfg, model, model_cfg, total_steps, resume_from, fit.new_ids)
+    ddp, optimizer, scheduler, frozen_rows, step = (
+        run.ddp, run.optimizer, run.scheduler, run.frozen_rows, run.step)
 
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,9 +317,9 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
                 step, cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_rank, dp_size
             )
             out = forward_backward(ddp, microbatches, model_cfg.vocab_size)
-            router_rows.mask_gradients()
+            frozen_rows.mask_gradients()
             ok, grad_norm, _ = optimizer.step()
-            router_rows.restore()
+            frozen_rows.restore()
             scheduler.step(increment=1)
             step += 1
             loss, tokens = _global_loss(out)

@@ -52,7 +52,7 @@ def _one_update(tiny_base, tmp_path, monkeypatch, async_steps):
 
     monkeypatch.setattr(rl_trainer, "forward_backward", counting)
     monkeypatch.setattr(rl_trainer, "forward_logprobs", counting_logprobs)
-    result = _update(run.ddp, model, run.optimizer, run.router_rows, None, _rollouts(model_cfg.vocab_size),
+    result = _update(run.ddp, model, run.optimizer, run.frozen_rows, None, _rollouts(model_cfg.vocab_size),
                      model_cfg, cfg.rl, 16, cfg.train.micro_batch_size, 0, 1, 3)
     weights = {k: v.detach().clone() for k, v in model.named_parameters()}
     return result, weights, passes

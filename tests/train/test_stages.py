@@ -15,6 +15,7 @@ from megatron_bar.demo.toy_data import TOOL_CALL_TOKENS
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import load_weights
 from megatron_bar.model.config import ModelConfig
+from megatron_bar.train.checkpoint import latest_checkpoint
 from megatron_bar.train.config import load_config
 from megatron_bar.train.trainer import train
 
@@ -172,3 +173,40 @@ def test_shared_lr_scale_slows_only_the_shared_parameters(tiny, tmp_path):
         assert step == pytest.approx(want, rel=2e-2), (name, group, step, want)
         seen.add(group)
     assert seen == {"embedding", "lm_head", "experts"}
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_only_added_vocab_rows_train(tiny, tmp_path, tp):
+    """optim.train_only_added_vocab_rows: SFT that adds the tool-call tokens moves their
+    embedding and LM head rows and keeps every other row bit-identical (at TP=2 too, where
+    each rank holds half the rows), while the rest of the SFT policy trains as usual."""
+    overrides = [f'data.add_special_tokens={json.dumps(list(TOOL_CALL_TOKENS))}',
+                 "optim.train_only_added_vocab_rows=true"]
+    if tp == 1:
+        result_dir = run_stage(tiny, tmp_path / "s", "sft", 6, extra=overrides).final_checkpoint
+    else:
+        from helpers import torchrun
+
+        datasets = json.dumps([
+            {"path": str(tiny["tool_use"]), "kind": "chat", "weight": 0.5, "domain": "tool_use"},
+            {"path": str(tiny["general"]), "kind": "chat", "weight": 0.5, "domain": "general"},
+        ])
+        torchrun(2, REPO / "megatron_bar" / "train" / "__main__.py", str(CONFIG), f"model.load={tiny['bar2']}",
+                 f"data.datasets={datasets}", "train.steps=6", "checkpoint.interval=1000", "optim.lr=1e-2",
+                 "train.log_interval=1000", f"train.output_dir={tmp_path / 's'}", "parallel.tp=2", *overrides,
+                 timeout=600)
+        result_dir = latest_checkpoint(tmp_path / "s" / "checkpoints")
+    before, after = state_of(tiny["bar2"]), state_of(result_dir)
+    tokenizer = load_tokenizer(Path(result_dir) / "tokenizer")
+    added = [tokenizer.token_to_id(t) for t in TOOL_CALL_TOKENS]
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        old, new = before[name], after[name]
+        for row in added:
+            assert not torch.equal(new[row], after[name][: vocab(tiny)].mean(0)), (name, row, "did not train")
+        kept = [r for r in range(old.size(0)) if r not in added]
+        assert torch.equal(new[kept], old[kept]), f"{name}: a row of a token the stage did not add moved"
+    policy_trained = {n for n in before if param_group(n, 2) in ("experts", "router")}
+    assert all(not torch.equal(before[n], after[n]) for n in policy_trained)
+    for name in before:
+        if param_group(name, 2) in ("attention", "norms", "anchor_expert"):
+            assert torch.equal(before[name], after[name]), name
