@@ -1,8 +1,10 @@
 """The demo's synthetic domains: deterministic, held out, and scored by the RLVR rewards:
 every reference reply scores 1 and a reply for another prompt scores 0."""
 
+import collections
 import json
 import random
+import re
 
 import pytest
 
@@ -77,3 +79,31 @@ def test_written_suites_load(data):
     suites = load_suites(out / "test")
     assert sorted(suites) == sorted([*D.DOMAINS, D.GENERAL])
     assert {p.scorer for p in suites["code"]} == {"code"}
+
+
+def _template(prompt: str) -> str:
+    """A prompt with its numbers and its words from the generators' lists masked."""
+    names = {w.lower() for entry in (*D.WORDS, *D.CITIES, *D.NAMES, *D.THINGS, *D.OBJECTS, *D.HARMFUL, *D.BENIGN)
+             for w in entry.split() if w != "a"}
+    prompt = re.sub(r"\d+", "N", prompt)
+    return " ".join("W" if re.sub(r"\W", "", w).lower() in names else w for w in prompt.split())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_holding_out_test_and_dev_leaves_every_form_in_training(tmp_path, seed):
+    """At the demo's sizes, the 400 held-out prompts of a domain must not use up a form of
+    prompt (a phrasing of a tool, an op of the code tasks): training would then never see
+    what the test asks most. Each form with 2.5% of the test prompts or more keeps at least
+    a third of that share in SFT (sampling noise at 200 prompts stays well within that)."""
+    sizes = D.DataSizes(pretrain=10)
+    paths = D.write_domain_data(tmp_path, sizes, seed=seed)
+    for domain in (*D.DOMAINS, D.GENERAL):
+        shares = {}
+        for split in ("test", "sft"):
+            rows = [json.loads(x) for x in paths[f"{split}/{domain}"].read_text().splitlines()]
+            users = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in rows]
+            counts = collections.Counter(_template(u) for u in users)
+            shares[split] = {t: c / len(rows) for t, c in counts.items()}
+        for form, share in shares["test"].items():
+            if share >= 0.025:
+                assert shares["sft"].get(form, 0.0) >= share / 3, (domain, form, share, shares["sft"].get(form))
