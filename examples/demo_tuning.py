@@ -32,6 +32,15 @@ def _noop() -> list[str]:
     return [sys.executable, "-c", "pass"]
 
 
+def _finished(stage: P.Stage) -> bool:
+    """A stage whose checkpoint is its last step. One stopped early (a kill: the trainer
+    checkpoints on SIGTERM) runs again and resumes there; so does one counted in epochs."""
+    latest = stage.output_dir / "checkpoints" / "latest"
+    if not latest.is_file() or stage.steps <= 0:
+        return False
+    return latest.read_text().strip() == f"iter_{stage.steps:07d}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -108,7 +117,7 @@ def main() -> None:
         graph.add(Job(f"eval_{slug}", command=command, deps=(job,), cost=s0.eval_cost))
     for name, job in graph.jobs.items():  # resume: a step whose output exists is not rerun
         stage = p.stages.get(name)
-        done = ((stage is not None and (stage.output_dir / "checkpoints" / "latest").is_file())
+        done = ((stage is not None and _finished(stage))
                 or (out / "models" / name).is_dir() or (name == "base" and (out / "models" / "base").is_dir())
                 or (name.startswith("eval_") and (out / "eval" / f"{name[5:]}.json").is_file()))
         if done:
