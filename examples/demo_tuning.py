@@ -45,7 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default="{}", help="JSON: name -> DemoSettings overrides (BAR experts)")
+    ap.add_argument("--variants", default="{}", help="JSON: name -> DemoSettings overrides (BAR experts); "
+                    "the key domains: [...] trains only those experts (no merge)")
     ap.add_argument("--routers", default="{}", help="JSON: name -> [variant, overrides] (router stage only)")
     ap.add_argument("--mono", default="", help="JSON overrides for monolithic retraining (empty: skip)")
     ap.add_argument("--mono-name", default="mono")
@@ -80,11 +81,14 @@ def main() -> None:
         rows[f"{name} BAR 4of5"] = (q, r, len(D.DOMAINS))
 
     for name, overrides in json.loads(a.variants).items():
+        domains = overrides.pop("domains", D.DOMAINS)  # a subset: those experts alone, no merge
         q = planner(overrides)
         chains = {d: P.expert_chain(q, f"{name}_{d}", d, "upcycle", stages=("midtrain", "sft", "rlvr"))
-                  for d in D.DOMAINS}
+                  for d in domains}
         for d, chain in chains.items():
             rows[f"{name} expert {d}"] = (q, chain[-1], None)
+        if set(domains) != set(D.DOMAINS):
+            continue
         q.tool(f"{name}_merge", "merge_experts.py",
                ["--experts", *[(lambda d=d, q=q, c=chains: f"{d}={q.ckpt(c[d][-1])}") for d in D.DOMAINS],
                 "--topk", str(len(D.DOMAINS) + 1), "--save", out / "models" / f"{name}_merge"],
