@@ -213,8 +213,10 @@ class RolloutFleet:
             t0 = time.perf_counter()
             changed = {k: v for k, v in hf_state.items() if k not in self._pushed or not _same(v, self._pushed[k])}
             self.version = version
+            t1 = time.perf_counter()
             try:
                 wire = self._broadcast(changed, version)
+                wire["seconds_transfer"] = time.perf_counter() - t1
             except _ChannelBroken as e:
                 log.warning("weight sync to the rollout workers failed (%s): rebuilding the group", e)
                 wire = None
@@ -222,7 +224,8 @@ class RolloutFleet:
                 self._pushed[k] = v.detach().clone()
             if wire is None:  # the whole model, as just pushed, to every worker
                 self._rejoin()
-                wire = {"bytes_sent": None, "bytes_received": [], "buckets": None, "rejoined": True}
+                wire = {"bytes_sent": None, "bytes_received": [], "buckets": None, "rejoined": True,
+                        "seconds_transfer": time.perf_counter() - t1}
             self.last_sync = {"bytes": sum(v.numel() * v.element_size() for v in changed.values()),
                               "tensors": len(changed), "tensors_unchanged": len(hf_state) - len(changed),
                               "seconds": time.perf_counter() - t0, "backend": self.sync_backend, **wire}
