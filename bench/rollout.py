@@ -258,25 +258,24 @@ def main():
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = build_tiny_base(Path(tmp) / "tiny")["bar2"]
-        sync_fig = sync_channel_vs_object_store(base, args.sync_vocab, args.rounds, args.sync_bucket_mb)
-        for kind, what in (("full", "whole model"), ("step", "a step's change (all but the anchor expert)")):
-            print(f"weight sync to 2 workers, {what}: {sync_fig[kind + '_bytes'] / 2**20:.1f} MB in "
-                  f"{sync_fig[kind + '_buckets']} buckets; channel {sync_fig[kind + '_channel_s']:.3f} s "
-                  f"({sync_fig[kind + '_push_s']:.3f} s with finding the change), object store "
-                  f"{sync_fig[kind + '_object_store_s']:.3f} s "
-                  f"({sync_fig[kind + '_object_store_over_channel']:.2f}x the channel)")
-        result.update({f"sync_{k}": round(v, 4) if isinstance(v, float) else v for k, v in sync_fig.items()})
-        if args.sync_only:
-            print(json.dumps(result))
-            return
-        mem = worker_peak_memory(base, args.mem_vocab, args.mem_samples, args.mem_tokens)
-        print(f"rollout worker, vocab {mem['vocab']}, {mem['samples']} samples x {mem['tokens']} tokens: "
-              f"peak RSS {mem['peak_rss_mb']:.0f} MB, {mem['peak_growth_mb']:.0f} MB above the process "
-              f"before the model ({mem['rss_before_model_mb']:.0f} MB); model {mem['model_mb']:.0f} MB + "
-              f"KV cache {mem['kv_cache_mb']:.0f} MB -> {mem['growth_over_model_and_kv']:.2f}x "
-              f"(bound 2x); stacked [n, T, V] logits would be {mem['stacked_logits_mb']:,.0f} MB each")
-        result.update({f"mem_{k}": round(v, 3) if isinstance(v, float) else v for k, v in mem.items()})
+        if not args.sync_only:  # first: a child's peak RSS counts its parent's (vfork + exec)
+            mem = worker_peak_memory(base, args.mem_vocab, args.mem_samples, args.mem_tokens)
+            print(f"rollout worker, vocab {mem['vocab']}, {mem['samples']} samples x {mem['tokens']} tokens: "
+                  f"peak RSS {mem['peak_rss_mb']:.0f} MB, {mem['peak_growth_mb']:.0f} MB above the process "
+                  f"before the model ({mem['rss_before_model_mb']:.0f} MB); model {mem['model_mb']:.0f} MB + "
+                  f"KV cache {mem['kv_cache_mb']:.0f} MB -> {mem['growth_over_model_and_kv']:.2f}x "
+                  f"(bound 2x); stacked [n, T, V] logits would be {mem['stacked_logits_mb']:,.0f} MB each")
+            result.update({f"mem_{k}": round(v, 3) if isinstance(v, float) else v for k, v in mem.items()})
         if not args.memory_only:
+            sync_fig = sync_channel_vs_object_store(base, args.sync_vocab, args.rounds, args.sync_bucket_mb)
+            for kind, what in (("full", "whole model"), ("step", "a step's change (all but the anchor expert)")):
+                print(f"weight sync to 2 workers, {what}: {sync_fig[kind + '_bytes'] / 2**20:.1f} MB in "
+                      f"{sync_fig[kind + '_buckets']} buckets; channel {sync_fig[kind + '_channel_s']:.3f} s "
+                      f"({sync_fig[kind + '_push_s']:.3f} s with finding the change), object store "
+                      f"{sync_fig[kind + '_object_store_s']:.3f} s "
+                      f"({sync_fig[kind + '_object_store_over_channel']:.2f}x the channel)")
+            result.update({f"sync_{k}": round(v, 4) if isinstance(v, float) else v for k, v in sync_fig.items()})
+        if not (args.memory_only or args.sync_only):
             one, first_sync = rollout_tokens_per_s(base, 1, args.prompts, args.samples, args.tokens, args.rounds)
             two, _ = rollout_tokens_per_s(base, 2, args.prompts, args.samples, args.tokens, args.rounds)
             own, hf, own_over_hf = decode_vs_generate(base, args.prompts, args.samples, args.tokens,

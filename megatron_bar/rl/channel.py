@@ -94,6 +94,16 @@ def _join(store: dist.Store, address: ChannelAddress, rank: int):
     return platform.standalone_process_group(prefix, rank, address.size, address.timeout_s, address.backend)
 
 
+def _drop(owner) -> None:
+    """End ``owner.group``: ``abort`` frees an NCCL communicator; a gloo group's connections
+    close when the object goes, which dropping the last reference here makes happen now."""
+    if owner.group is None:
+        return
+    owner.group.abort()
+    owner.group = None
+    gc.collect()
+
+
 class WeightSender:
     """Rank 0's end: hosts the store, builds each generation of the group, broadcasts."""
 
@@ -131,9 +141,7 @@ class WeightSender:
 
     def close(self) -> None:
         """Drop the group: its connections close, and a member still waiting on it fails."""
-        if self.group is not None:
-            self.group = None
-            gc.collect()
+        _drop(self)
 
 
 class WeightReceiver:
@@ -164,5 +172,4 @@ class WeightReceiver:
         return received
 
     def close(self) -> None:
-        self.group = None
-        gc.collect()
+        _drop(self)
