@@ -165,7 +165,8 @@ class WeightReceiver:
             received += wire.numel()
             if unknown:
                 continue
-            for name, shape, part in zip(bucket.names, bucket.shapes, wire.view(bucket.torch_dtype).split(bucket.numels)):
+            parts = wire.view(bucket.torch_dtype).split(bucket.numels)
+            for name, shape, part in zip(bucket.names, bucket.shapes, parts):
                 targets[name].copy_(part.view(shape))
         if unknown:
             raise KeyError(f"weights for the rollout model: unknown tensor {unknown[0]!r}")
