@@ -21,7 +21,18 @@ worker's own decoding loop against transformers ``generate``, one process and th
 batch; the median of the rounds' ratios),
 generation_share and sync_share (of a full RLVR step, by the trainer's own timers on a
 short run), first_sync_bytes (the whole model) and sync_bytes (a later step's
-mean), step_s_sync / step_s_async and their ratio, and the memory figures.
+mean), step_s_sync / step_s_async and their ratio, the memory figures, and the weight
+sync's ``sync_*`` figures.
+
+Weight sync (``--sync-vocab``, default 100352, so that the model is tens of MB rather than
+the tiny default's 0.7 MB): a fleet of 2 workers, a randomly initialised model of that
+vocabulary; each round pushes (a) the whole model (every tensor moved) and (b) a
+training step's change (every tensor but the anchor expert's moved) over the weight-sync
+channel (broadcast in ``--sync-bucket-mb`` buckets, what the trainer runs), and the same
+tensors again through Ray's object store (``ray.put`` of each bucket, each worker copying
+it in: the sync path before the channel, kept here only as the reference); medians of the
+rounds. ``sync_*_channel_s`` is the transfer alone (``seconds_transfer``), as is the
+object-store figure; ``sync_*_push_s`` adds finding the changed tensors and keeping a copy.
 """
 
 import argparse
@@ -148,6 +159,66 @@ def step_shares(base, workdir: Path, async_steps: int) -> dict:
             "sync_bytes": sum(r["weight_sync_bytes"] for r in rows) / len(rows)}
 
 
+def sync_channel_vs_object_store(base, vocab: int, rounds: int, bucket_mb: float) -> dict:
+    """Bytes and seconds per weight sync over the channel and through the object store."""
+    import statistics
+
+    import ray
+
+    from megatron_bar import platform
+    from megatron_bar.convert.hf_io import hf_config_from_model_config
+    from megatron_bar.model.builder import build_model
+    from megatron_bar.model.config import ModelConfig
+    from megatron_bar.rl.channel import plan_buckets
+    from megatron_bar.rl.fleet import FleetConfig, RolloutFleet
+    from megatron_bar.rl.weights import gather_hf_state_dict
+
+    platform.initialize()
+    cfg = ModelConfig.load(base).with_(vocab_size=vocab)
+    gpt = build_model(cfg)
+    fleet = RolloutFleet(hf_config_from_model_config(cfg, torch.float32),
+                         FleetConfig(num_workers=2, timeout_s=600, sync_bucket_mb=bucket_mb))
+
+    def object_store(state):
+        t0 = time.perf_counter()
+        for bucket in plan_buckets(state, bucket_mb * 2**20):
+            ref = ray.put({n: state[n] for n in bucket.names})
+            ray.get([w.update_weights.remote(ref, fleet.version) for w in fleet.workers])
+            del ref
+        return time.perf_counter() - t0
+
+    def move(anchor_too: bool):
+        with torch.no_grad():
+            for name, p in gpt.named_parameters():
+                if anchor_too or "local_experts.0." not in name:
+                    p.add_(1e-3)
+
+    figures = {k: [] for k in ("full_channel_s", "full_push_s", "full_object_store_s",
+                               "step_channel_s", "step_push_s", "step_object_store_s")}
+    try:
+        for r in range(rounds + 1):  # the first round warms up
+            for kind, anchor_too in (("full", True), ("step", False)):
+                move(anchor_too)
+                state = gather_hf_state_dict(gpt, cfg)
+                fleet.push_weights(state, r * 2 + anchor_too)
+                sync = dict(fleet.last_sync)
+                changed = {k: v for k, v in state.items() if anchor_too or ".experts.0." not in k}
+                assert sync["bytes_sent"] == sum(v.numel() * v.element_size() for v in changed.values())
+                store_s = object_store(changed)
+                if r:
+                    figures[f"{kind}_channel_s"].append(sync["seconds_transfer"])
+                    figures[f"{kind}_push_s"].append(sync["seconds"])
+                    figures[f"{kind}_object_store_s"].append(store_s)
+                figures[f"{kind}_bytes"] = sync["bytes_sent"]
+                figures[f"{kind}_buckets"] = sync["buckets"]
+    finally:
+        fleet.shutdown()
+    out = {k: statistics.median(v) if isinstance(v, list) else v for k, v in figures.items()}
+    for kind in ("full", "step"):
+        out[f"{kind}_object_store_over_channel"] = out[f"{kind}_object_store_s"] / out[f"{kind}_channel_s"]
+    return out
+
+
 def worker_peak_memory(base, vocab: int, samples: int, tokens: int) -> dict:
     """Peak RSS of a fresh process generating with a rollout worker of vocabulary ``vocab``."""
     from megatron_bar.convert.hf_io import hf_config_from_model_config
@@ -178,20 +249,33 @@ def main():
     p.add_argument("--mem-samples", type=int, default=64)
     p.add_argument("--mem-tokens", type=int, default=512)
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--sync-vocab", type=int, default=100352)
+    p.add_argument("--sync-bucket-mb", type=float, default=16.0)
+    p.add_argument("--sync-only", action="store_true", help="only the weight-sync figures")
     args = p.parse_args()
     from megatron_bar.demo.tiny import build_tiny_base
 
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = build_tiny_base(Path(tmp) / "tiny")["bar2"]
-        mem = worker_peak_memory(base, args.mem_vocab, args.mem_samples, args.mem_tokens)
-        print(f"rollout worker, vocab {mem['vocab']}, {mem['samples']} samples x {mem['tokens']} tokens: "
-              f"peak RSS {mem['peak_rss_mb']:.0f} MB, {mem['peak_growth_mb']:.0f} MB above the process "
-              f"before the model ({mem['rss_before_model_mb']:.0f} MB); model {mem['model_mb']:.0f} MB + "
-              f"KV cache {mem['kv_cache_mb']:.0f} MB -> {mem['growth_over_model_and_kv']:.2f}x "
-              f"(bound 2x); stacked [n, T, V] logits would be {mem['stacked_logits_mb']:,.0f} MB each")
-        result.update({f"mem_{k}": round(v, 3) if isinstance(v, float) else v for k, v in mem.items()})
+        if not args.sync_only:  # first: a child's peak RSS counts its parent's (vfork + exec)
+            mem = worker_peak_memory(base, args.mem_vocab, args.mem_samples, args.mem_tokens)
+            print(f"rollout worker, vocab {mem['vocab']}, {mem['samples']} samples x {mem['tokens']} tokens: "
+                  f"peak RSS {mem['peak_rss_mb']:.0f} MB, {mem['peak_growth_mb']:.0f} MB above the process "
+                  f"before the model ({mem['rss_before_model_mb']:.0f} MB); model {mem['model_mb']:.0f} MB + "
+                  f"KV cache {mem['kv_cache_mb']:.0f} MB -> {mem['growth_over_model_and_kv']:.2f}x "
+                  f"(bound 2x); stacked [n, T, V] logits would be {mem['stacked_logits_mb']:,.0f} MB each")
+            result.update({f"mem_{k}": round(v, 3) if isinstance(v, float) else v for k, v in mem.items()})
         if not args.memory_only:
+            sync_fig = sync_channel_vs_object_store(base, args.sync_vocab, args.rounds, args.sync_bucket_mb)
+            for kind, what in (("full", "whole model"), ("step", "a step's change (all but the anchor expert)")):
+                print(f"weight sync to 2 workers, {what}: {sync_fig[kind + '_bytes'] / 2**20:.1f} MB in "
+                      f"{sync_fig[kind + '_buckets']} buckets; channel {sync_fig[kind + '_channel_s']:.3f} s "
+                      f"({sync_fig[kind + '_push_s']:.3f} s with finding the change), object store "
+                      f"{sync_fig[kind + '_object_store_s']:.3f} s "
+                      f"({sync_fig[kind + '_object_store_over_channel']:.2f}x the channel)")
+            result.update({f"sync_{k}": round(v, 4) if isinstance(v, float) else v for k, v in sync_fig.items()})
+        if not (args.memory_only or args.sync_only):
             one, first_sync = rollout_tokens_per_s(base, 1, args.prompts, args.samples, args.tokens, args.rounds)
             two, _ = rollout_tokens_per_s(base, 2, args.prompts, args.samples, args.tokens, args.rounds)
             own, hf, own_over_hf = decode_vs_generate(base, args.prompts, args.samples, args.tokens,

@@ -22,6 +22,8 @@ __all__ = [
     "has_gpu",
     "device",
     "backend",
+    "standalone_backend",
+    "standalone_process_group",
     "has_transformer_engine",
     "default_train_dtype",
     "initialize",
@@ -46,6 +48,32 @@ def device() -> torch.device:
 
 def backend() -> str:
     return "nccl" if has_gpu() else "gloo"
+
+
+def standalone_backend(requested: str, members_on_gpu: bool) -> str:
+    """The backend of a process group outside the default world (the RL weight-sync
+    channel between the trainer's rank 0 and the rollout workers): ``auto`` is NCCL when
+    this process and every other member have a GPU, gloo otherwise."""
+    if requested == "auto":
+        return "nccl" if has_gpu() and members_on_gpu else "gloo"
+    if requested == "nccl" and not (has_gpu() and members_on_gpu):
+        raise ValueError("an NCCL process group needs a GPU in this process and in every member")
+    if requested not in ("nccl", "gloo"):
+        raise ValueError(f"process-group backend {requested!r}: auto, nccl or gloo")
+    return requested
+
+
+def standalone_process_group(store: dist.Store, rank: int, size: int, timeout_s: float,
+                             backend_name: str) -> tuple[dist.ProcessGroup, torch.device]:
+    """A process group of ``size`` members that meet in ``store``, built from torch's public
+    backend classes rather than ``init_process_group``/``new_group`` (which need every
+    member in one default world: the rollout workers are not in the trainer's), and the
+    device its tensors live on. Collectives are called on the returned object directly
+    (``group.broadcast(tensor, root).wait()``). Joining blocks until every member has."""
+    if backend_name == "nccl":
+        # (NCCL's own default timeout applies: its Options set one only through a private field)
+        return dist.ProcessGroupNCCL(store, rank, size, dist.ProcessGroupNCCL.Options()), device()
+    return dist.ProcessGroupGloo(store, rank, size, datetime.timedelta(seconds=timeout_s)), torch.device("cpu")
 
 
 def has_transformer_engine() -> bool:

@@ -3,18 +3,23 @@
 Ray runs locally by default (``ray.init`` on this machine) and joins an existing cluster
 given its address (``rl.ray_address``, e.g. the head that ``slurm/math_rlvr.sh`` starts).
 Workers are placed by a placement group (one bundle per worker, spread over nodes where
-there are several) and restarted by Ray when they die; the fleet then pushes the current
-weights to the new process and retries the lost share of the rollout. Every wait has a
-timeout that ends in a clear error - nothing hangs. Weight pushes send only the tensors
-that changed since the last one, bucket by bucket (:meth:`RolloutFleet.push_weights`).
+there are several) and restarted by Ray when they die; the fleet then rebuilds the
+weight-sync group with every worker, gives them the whole current model, and retries the
+lost share of the rollout. Every wait has a timeout that ends in a clear error - nothing
+hangs. Weight pushes send only the tensors that changed since the last one, bucket by
+bucket, by broadcast over the weight-sync channel (:mod:`megatron_bar.rl.channel`): Ray
+carries only the layout (:meth:`RolloutFleet.push_weights`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
+from megatron_bar import platform
+from megatron_bar.rl.channel import WeightSender, plan_buckets
 from megatron_bar.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,10 @@ class _StaleWorker(Exception):
     """A worker answered with weights other than the ones pushed last."""
 
 
+class _ChannelBroken(Exception):
+    """A broadcast on the weight-sync group failed: a member died or left it."""
+
+
 @dataclass
 class FleetConfig:
     num_workers: int = 2
@@ -43,6 +52,8 @@ class FleetConfig:
     max_retries: int = 2  # per rollout share, after a worker died
     max_restarts: int = 4  # per worker, by Ray
     sync_bucket_mb: float = 256.0  # weight sync: changed tensors go out in buckets of about this size
+    sync_backend: str = "auto"  # the weight-sync group: auto (NCCL where all are on GPU, else gloo) | nccl | gloo
+    sync_port: int = 0  # the weight-sync store's port on the trainer's node; 0: any free one
 
 
 class RolloutFleet:
@@ -91,6 +102,18 @@ class RolloutFleet:
         self.version = -1
         self.restarts_seen = 0
         self.last_sync: dict = {}  # bytes / tensors / buckets / seconds of the last push
+        self._lock = threading.RLock()  # the channel: pushes, and rejoins from a rollout thread
+        self._pids: list[int | None] = [None] * cfg.num_workers  # as of the last rejoin
+        self._channel = None
+        try:
+            self.sync_backend = platform.standalone_backend(cfg.sync_backend, cfg.gpus_per_worker > 0)
+            # the store lives here (rank 0); the workers reach it at this node's address
+            self._channel = WeightSender(ray.util.get_node_ip_address(), cfg.sync_port, cfg.num_workers,
+                                         self.sync_backend, cfg.timeout_s)
+            self._rejoin()
+        except BaseException:
+            self.shutdown()
+            raise
 
     # -- waiting -------------------------------------------------------------------------
 
@@ -100,13 +123,12 @@ class RolloutFleet:
         except self._ray.exceptions.GetTimeoutError:
             raise RolloutError(f"timed out after {self.cfg.timeout_s:.0f} s {what}") from None
 
-    def _revive(self, i: int) -> None:
-        """Worker ``i`` died: wait for Ray's restart, then give it the current weights."""
+    def _alive_pid(self, i: int) -> int:
+        """Worker ``i``'s pid, once it answers (after Ray restarted it, if it died)."""
         deadline = time.monotonic() + self.cfg.timeout_s
         while True:
             try:
-                self._ray.get(self.workers[i].pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                break
+                return self._ray.get(self.workers[i].pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
                 if time.monotonic() > deadline:
                     raise RolloutError(f"rollout worker {i} did not come back within "
@@ -114,56 +136,99 @@ class RolloutFleet:
                 time.sleep(0.5)
             except self._ray.exceptions.GetTimeoutError:
                 raise RolloutError(f"rollout worker {i} did not come back") from None
-        self.restarts_seen += 1
-        if self._pushed:
-            self._send(self._pushed, [i], self.version, f"re-sending weights to restarted worker {i}")
+
+    def _rejoin(self) -> None:
+        """Every worker (restarted ones included) into a new generation of the weight-sync
+        group, and the whole model as last pushed to each. A group is rebuilt rather than
+        patched: a restarted process is not in the old one, and a failed broadcast may have
+        left the survivors with part of a push."""
+        with self._lock:
+            for attempt in range(self.cfg.max_retries + 1):
+                pids = [self._alive_pid(i) for i in range(len(self.workers))]
+                self.restarts_seen += sum(old is not None and old != new for old, new in zip(self._pids, pids))
+                self._pids = pids
+                try:
+                    self._connect()
+                    if self._pushed:
+                        self._broadcast(self._pushed, self.version)
+                    return
+                except _ChannelBroken as e:
+                    log.warning("the weight-sync group broke while being rebuilt (%s); again", e.__cause__)
+            raise RolloutError(f"the weight-sync group could not be rebuilt in "
+                               f"{self.cfg.max_retries + 1} attempts (rollout workers keep dying?)")
+
+    def _connect(self) -> None:
+        self._channel.close()  # a survivor still waiting on the old group fails now, not at the timeout
+        address = self._channel.next_address()
+        refs = [w.join_weight_channel.remote(address, i + 1) for i, w in enumerate(self.workers)]
+        try:
+            self._channel.connect(address)  # blocks until every worker has joined
+            for i, r in enumerate(refs):
+                self._wait(r, f"worker {i} joining the weight-sync group")
+        except (RuntimeError, self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError) as e:
+            self._channel.close()
+            raise _ChannelBroken(str(e)) from e
+
+    def _revive(self, i: int) -> None:
+        """Worker ``i`` died (or answered from a fresh process): wait for Ray's restart, then
+        rebuild the group with it and give every worker the current weights."""
+        self._rejoin()
         log.warning("rollout worker %d was restarted and has the weights of version %d", i, self.version)
 
     # -- the interface -------------------------------------------------------------------
 
-    def _buckets(self, state: dict) -> list[dict]:
-        limit = self.cfg.sync_bucket_mb * 2**20
-        buckets, size = [{}], 0
-        for key, tensor in state.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if buckets[-1] and size + nbytes > limit:
-                buckets.append({})
-                size = 0
-            buckets[-1][key] = tensor
-            size += nbytes
-        return buckets
-
-    def _send(self, state: dict, workers: list[int], version: int, what: str) -> list[int]:
-        """``state`` to ``workers``, one bucket in the object store at a time (each worker
-        copies it into its model in place); the workers that died on the way."""
-        dead: set[int] = set()
-        for bucket in self._buckets(state):
-            ref = self._ray.put(bucket)
-            refs = {i: self.workers[i].update_weights.remote(ref, version) for i in workers if i not in dead}
-            for i, r in refs.items():
-                try:
-                    self._wait(r, f"{what} (worker {i})")
-                except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
-                    dead.add(i)
-            del ref
-        return sorted(dead)
+    def _broadcast(self, state: dict, version: int) -> dict:
+        """``state`` to every worker: the layout through Ray, the tensors by broadcast."""
+        buckets = plan_buckets(state, self.cfg.sync_bucket_mb * 2**20)
+        generation = self._channel.generation
+        # every worker gets the call, an empty one too: it carries the new version
+        refs = [w.receive_weights.remote(generation, buckets, version) for w in self.workers]
+        failure = None
+        try:
+            sent = self._channel.send(state, buckets)
+        except RuntimeError as e:  # a member's connection closed, or the group's timeout
+            failure = e
+            self._channel.close()  # the others stop waiting for the rest of the broadcast
+        received = []
+        for i, r in enumerate(refs):
+            try:
+                received.append(self._wait(r, f"sending weights (worker {i})"))
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError) as e:
+                failure = failure or e
+            except self._ray.exceptions.RayTaskError as e:
+                if not isinstance(e.cause, RuntimeError):  # a real fault (a tensor it lacks), not the group
+                    raise
+                failure = failure or e
+        if failure is not None:
+            self._channel.close()
+            raise _ChannelBroken(str(failure).splitlines()[0]) from failure
+        return {"bytes_sent": sent, "bytes_received": received, "buckets": len(buckets)}
 
     def push_weights(self, hf_state: dict, version: int) -> None:
         """Only the tensors that changed since the last push go to the workers (in BAR's
-        RLVR the anchor expert never does), in buckets of ``sync_bucket_mb`` through the
-        object store; the fleet keeps a copy of what it pushed, to compare against and to
-        give a restarted worker the whole model."""
-        t0 = time.perf_counter()
-        changed = {k: v for k, v in hf_state.items() if k not in self._pushed or not _same(v, self._pushed[k])}
-        self.version = version
-        dead = self._send(changed, list(range(len(self.workers))), version, "sending weights")
-        for k, v in changed.items():
-            self._pushed[k] = v.detach().clone()
-        for i in dead:  # _revive sends the whole model, as just pushed
-            self._revive(i)
-        self.last_sync = {"bytes": sum(v.numel() * v.element_size() for v in changed.values()),
-                          "tensors": len(changed), "tensors_unchanged": len(hf_state) - len(changed),
-                          "buckets": len(self._buckets(changed)), "seconds": time.perf_counter() - t0}
+        RLVR the anchor expert never does), by broadcast in buckets of ``sync_bucket_mb``;
+        the fleet keeps a copy of what it pushed, to compare against and to give every
+        worker the whole model after a restart."""
+        with self._lock:
+            t0 = time.perf_counter()
+            changed = {k: v for k, v in hf_state.items() if k not in self._pushed or not _same(v, self._pushed[k])}
+            self.version = version
+            t1 = time.perf_counter()
+            try:
+                wire = self._broadcast(changed, version)
+                wire["seconds_transfer"] = time.perf_counter() - t1
+            except _ChannelBroken as e:
+                log.warning("weight sync to the rollout workers failed (%s): rebuilding the group", e)
+                wire = None
+            for k, v in changed.items():
+                self._pushed[k] = v.detach().clone()
+            if wire is None:  # the whole model, as just pushed, to every worker
+                self._rejoin()
+                wire = {"bytes_sent": None, "bytes_received": [], "buckets": None, "rejoined": True,
+                        "seconds_transfer": time.perf_counter() - t1}
+            self.last_sync = {"bytes": sum(v.numel() * v.element_size() for v in changed.values()),
+                              "tensors": len(changed), "tensors_unchanged": len(hf_state) - len(changed),
+                              "seconds": time.perf_counter() - t0, "backend": self.sync_backend, **wire}
 
     def generate(self, prompts: list[list[int]], samples_per_prompt: int, temperature: float,
                  max_new_tokens: int, eos_id: int, pad_id: int, seed: int,
@@ -214,8 +279,14 @@ class RolloutFleet:
         return self._wait(self.workers[worker].logprobs.remote(prompt, completion, temperature),
                           f"log-probs from worker {worker}")
 
+    def worker_weights(self, worker: int, names: list[str]) -> dict:
+        """The named tensors as worker ``worker`` holds them (for checks)."""
+        return self._wait(self.workers[worker].weights.remote(names), f"weights from worker {worker}")
+
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
+
+        self._channel.close()
 
         for w in self.workers:
             try:

@@ -8,7 +8,8 @@ over the model (:func:`megatron_bar.rl.decode.decode`), not ``generate``: it hol
 step's ``[n, V]`` logits in the model's dtype and samples from them a few rows at a time,
 so the worker's memory grows neither with the response length times the vocabulary nor
 with copies of one step's scores. Weights arrive in the HF layout
-(:mod:`megatron_bar.rl.weights`), through Ray's object store when run as an actor.
+(:mod:`megatron_bar.rl.weights`); as an actor, by broadcast from the trainer over the
+weight-sync channel (:mod:`megatron_bar.rl.channel`), never through Ray's object store.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 
 import torch
 
+from megatron_bar.rl.channel import Bucket, ChannelAddress, ChannelError, WeightReceiver
 from megatron_bar.rl.decode import decode
 
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -120,6 +122,7 @@ class RolloutWorker:
             torch.set_num_threads(threads)
         self.model = _build_hf_model(hf_config)
         self.version = -1
+        self._channel: WeightReceiver | None = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -130,11 +133,38 @@ class RolloutWorker:
         self.version = version
         return version
 
+    def join_weight_channel(self, address: ChannelAddress, rank: int) -> int:
+        """Join the trainer's weight-sync group (leaving any earlier one); this process's pid."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        self._channel = WeightReceiver(address, rank)
+        return os.getpid()
+
+    @torch.no_grad()
+    def receive_weights(self, generation: int, buckets: list[Bucket], version: int) -> int:
+        """The weight sync: ``buckets`` (names, shapes, dtypes) arrive by broadcast from the
+        trainer on the channel's group ``generation``, each unflattened into this model in
+        place; the tensors not named keep what they had. The bytes received."""
+        if self._channel is None or self._channel.address.generation != generation:
+            have = None if self._channel is None else self._channel.address.generation
+            raise ChannelError(f"weights of version {version} go out on weight-sync group {generation}; "
+                               f"this worker (pid {os.getpid()}) is in group {have}")
+        received = self._channel.receive(buckets, self._targets())
+        self.version = version
+        return received
+
+    def weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors as this model holds them, in the HF layout (for checks)."""
+        targets = self._targets()
+        return {n: targets[n].detach().clone() for n in names}
+
     @torch.no_grad()
     def update_weights(self, part: dict[str, torch.Tensor], version: int) -> int:
         """Some of the model's tensors, in the saved HF layout, copied into the model in
         place (a fused FlexOlmo expert tensor takes one expert's projection at a time);
-        the rest keep what they had. The weight sync's buckets arrive this way."""
+        the rest keep what they had. In process; ``bench/rollout.py`` also times it through
+        Ray's object store, the sync path before the channel."""
         targets = self._targets()
         unknown = [k for k in part if k not in targets]
         if unknown:

@@ -107,6 +107,10 @@ class RLConfig:
     reward_workers: int = 2  # processes scoring rollouts (code rewards' programs run side by side)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     sync_bucket_mb: float = 256.0  # weight sync: changed tensors go to the workers in buckets of this size
+    # the weight-sync group (rank 0 + the workers, its own process group): auto = NCCL when
+    # the trainer and the workers have GPUs, gloo otherwise | nccl | gloo
+    sync_backend: str = "auto"
+    sync_port: int = 0  # its TCPStore's port on rank 0's node; 0: any free port
 
 
 @dataclass
@@ -182,6 +186,12 @@ def validate_rl_settings(rl: RLConfig) -> None:
     need(rl.gpus_per_worker >= 0, "gpus_per_worker", ">= 0")
     need(rl.threads_per_worker >= 1, "threads_per_worker", "at least 1")
     need(rl.timeout_s > 0, "timeout_s", "> 0 (seconds)")
+    need(rl.sync_backend in ("auto", "nccl", "gloo"), "sync_backend", "auto, nccl or gloo")
+    need(rl.sync_backend != "nccl" or rl.gpus_per_worker > 0, "sync_backend",
+         "auto or gloo while rl.gpus_per_worker is 0 (NCCL needs the workers on GPUs)")
+    need(rl.sync_backend != "nccl" or platform.has_gpu(), "sync_backend",
+         "auto or gloo on a trainer without a GPU (NCCL needs one)")
+    need(0 <= rl.sync_port <= 65535, "sync_port", "a port number, or 0 for any free one")
     from megatron_bar.rl.rewards import get_reward_fn
 
     for i, d in enumerate(rl.datasets):
@@ -520,7 +530,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
             FleetConfig(num_workers=rl.num_workers, cpus_per_worker=rl.cpus_per_worker,
                         gpus_per_worker=rl.gpus_per_worker, threads_per_worker=rl.threads_per_worker,
                         ray_address=rl.ray_address, timeout_s=rl.timeout_s,
-                        sync_bucket_mb=rl.sync_bucket_mb),
+                        sync_bucket_mb=rl.sync_bucket_mb, sync_backend=rl.sync_backend,
+                        sync_port=rl.sync_port),
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))

@@ -119,6 +119,9 @@ def test_vllm_engine_not_installed_says_how(monkeypatch):
     ("eval_samples", 0, "rl.eval_samples"),
     ("async_steps", 2, "rl.async_steps"),
     ("sync_bucket_mb", 0, "rl.sync_bucket_mb"),
+    ("sync_backend", "mpi", "rl.sync_backend must be auto, nccl or gloo"),
+    ("sync_backend", "nccl", r"rl.sync_backend must be auto or gloo while rl.gpus_per_worker is 0"),
+    ("sync_port", 70000, "rl.sync_port"),
     ("engine", "sglang", "rl.engine 'sglang': transformers"),
     ("engine", "megatron", "rl.engine 'megatron': installed, but"),
 ])
