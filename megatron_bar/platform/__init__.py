@@ -32,6 +32,7 @@ __all__ = [
     "synchronize",
     "reset_peak_memory",
     "prepare_modelopt",
+    "prepare_mcore_inference",
     "manual_seed",
 ]
 
@@ -111,6 +112,22 @@ def prepare_modelopt() -> None:
         from megatron_bar.platform.cpu import apply_modelopt_patch
 
         apply_modelopt_patch()
+
+
+def prepare_mcore_inference():
+    """Make megatron-core's inference stack (``megatron.core.inference``) usable here and
+    return the context to run its generation loop in: nothing to do on GPU; on CPU a named
+    patch (:data:`megatron_bar.platform.cpu.INFERENCE_PATCH`) and a torch function mode
+    that keeps ``tensor.cuda()`` on the CPU
+    (:class:`megatron_bar.platform.cpu.TensorCudaStaysOnCpu`)."""
+    import contextlib
+
+    if has_gpu():
+        return contextlib.nullcontext()
+    from megatron_bar.platform.cpu import TensorCudaStaysOnCpu, apply_inference_patch
+
+    apply_inference_patch()
+    return TensorCudaStaysOnCpu()
 
 
 def manual_seed(seed: int) -> None:

@@ -109,6 +109,10 @@ class _NullEvent:
     def query(self):
         return True
 
+    def elapsed_time(self, other) -> float:
+        # the inference controller times its steps with CUDA events; on CPU none is kept
+        return 0.0
+
 
 class _CudaOnCpu(types.ModuleType):
     """``torch.cuda`` as a patched megatron module sees it on a CPU machine."""
@@ -375,8 +379,50 @@ MODELOPT_PATCH = Patch(
     _proxy_torch_in(("modelopt.torch.opt.plugins.megatron",)),
 )
 
+# Applied on demand (rl.engine megatron): megatron-core's inference stack, imported only
+# by the rollout engine that uses it.
+INFERENCE_PATCH = Patch(
+    "mcore-inference",
+    "megatron.core.inference's static engine, controller and model wrapper allocate with "
+    "device=torch.cuda.current_device() and time their steps with torch.cuda.Event",
+    _proxy_torch_in((
+        "megatron.core.inference.engines.static_engine",
+        "megatron.core.inference.text_generation_controllers.text_generation_controller",
+        "megatron.core.inference.model_inference_wrappers.abstract_model_inference_wrapper",
+        "megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper",
+        "megatron.core.inference.utils",
+    )),
+)
+
 _applied = False
 _modelopt_applied = False
+_inference_applied = False
+
+
+def apply_inference_patch() -> None:
+    global _inference_applied
+    if _inference_applied:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("apply_inference_patch() is for machines without CUDA")
+    INFERENCE_PATCH.apply()
+    log.debug("inference CPU patch applied: %s (%s)", INFERENCE_PATCH.name, INFERENCE_PATCH.why)
+    _inference_applied = True
+
+
+class TensorCudaStaysOnCpu(torch.overrides.TorchFunctionMode):
+    """``tensor.cuda()`` returns the tensor itself while active.
+
+    The module proxies answer calls made through a module's ``torch`` name; a *method* call
+    on a tensor is not one. megatron-core 0.16's static-batch generation loop
+    (``TextGenerationController.generate_all_output_tokens_static_batch``) makes one:
+    ``torch.zeros(batch_size, device=...).cuda()``. A torch function mode, entered only
+    around that loop, leaves every other call as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def apply_modelopt_patch() -> None:

@@ -54,15 +54,18 @@ class FleetConfig:
     sync_bucket_mb: float = 256.0  # weight sync: changed tensors go out in buckets of about this size
     sync_backend: str = "auto"  # the weight-sync group: auto (NCCL where all are on GPU, else gloo) | nccl | gloo
     sync_port: int = 0  # the weight-sync store's port on the trainer's node; 0: any free one
+    engine: str = "transformers"  # the workers' class (megatron_bar.rl.engines.ENGINES)
 
 
 class RolloutFleet:
-    def __init__(self, hf_config: dict, cfg: FleetConfig):
+    def __init__(self, worker_config: dict, cfg: FleetConfig):
+        """``worker_config``: what the engine's worker is built from (the HF config for
+        transformers, the ModelConfig dict for megatron: ``Engine.worker_config``)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from megatron_bar.rl.rollout import RolloutWorker
+        from megatron_bar.rl.engines import check_engine
 
         self.cfg = cfg
         self._ray = ray
@@ -85,7 +88,7 @@ class RolloutFleet:
             bundle["GPU"] = cfg.gpus_per_worker
         self.placement = placement_group([dict(bundle) for _ in range(cfg.num_workers)], strategy="SPREAD")
         self._wait(self.placement.ready(), "placing the rollout workers (are the resources there?)")
-        actor = ray.remote(RolloutWorker)
+        actor = ray.remote(check_engine(cfg.engine).worker_class())
         self.workers = [
             actor.options(
                 num_cpus=cfg.cpus_per_worker,
@@ -95,7 +98,7 @@ class RolloutFleet:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement, placement_group_bundle_index=i
                 ),
-            ).remote(hf_config, cfg.threads_per_worker)
+            ).remote(worker_config, cfg.threads_per_worker)
             for i in range(cfg.num_workers)
         ]
         self._pushed: dict = {}  # what every worker holds: a copy of the last push, by HF key

@@ -113,25 +113,15 @@ def _return_large_blocks_to_the_os(threshold: int = 128 << 10) -> None:
         pass
 
 
-class RolloutWorker:
-    """Generation on one copy of the policy. Plain class; the fleet wraps it as a Ray actor."""
+class WeightChannelMember:
+    """The receiving side of the weight sync, for any rollout worker: the worker gives
+    ``_targets()`` (tensor name -> the view of its model's storage that tensor fills)."""
 
-    def __init__(self, hf_config: dict, threads: int | None = None):
-        _return_large_blocks_to_the_os()
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = _build_hf_model(hf_config)
-        self.version = -1
-        self._channel: WeightReceiver | None = None
+    _channel: WeightReceiver | None = None
+    version: int = -1
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def set_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> int:
-        """The whole model at once (every tensor must be there)."""
-        self.model.load_state_dict(to_transformers_layout(hf_state, self.model), strict=True)
-        self.version = version
-        return version
+    def _targets(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def join_weight_channel(self, address: ChannelAddress, rank: int) -> int:
         """Join the trainer's weight-sync group (leaving any earlier one); this process's pid."""
@@ -155,9 +145,30 @@ class RolloutWorker:
         return received
 
     def weights(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors as this model holds them, in the HF layout (for checks)."""
+        """The named tensors as this model holds them, in the layout it receives (for checks)."""
         targets = self._targets()
         return {n: targets[n].detach().clone() for n in names}
+
+
+class RolloutWorker(WeightChannelMember):
+    """Generation on one copy of the policy. Plain class; the fleet wraps it as a Ray actor."""
+
+    def __init__(self, hf_config: dict, threads: int | None = None):
+        _return_large_blocks_to_the_os()
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = _build_hf_model(hf_config)
+        self.version = -1
+        self._channel: WeightReceiver | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def set_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> int:
+        """The whole model at once (every tensor must be there)."""
+        self.model.load_state_dict(to_transformers_layout(hf_state, self.model), strict=True)
+        self.version = version
+        return version
 
     @torch.no_grad()
     def update_weights(self, part: dict[str, torch.Tensor], version: int) -> int:

@@ -35,12 +35,12 @@ from megatron.core import parallel_state
 
 from megatron_bar import platform
 from megatron_bar.bar.freeze import FREEZE_POLICIES
-from megatron_bar.convert.hf_io import hf_config_from_model_config
 from megatron_bar.data import ChatTemplate, Message
 from megatron_bar.data.chat import DataError, ROLES
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_same_architecture, load_weights
 from megatron_bar.model.config import ModelConfig
+from megatron_bar.rl.engines import check_engine
 from megatron_bar.rl.grpo import (
     drop_uniform_groups,
     dynamic_sampling,
@@ -97,7 +97,7 @@ class RLConfig:
     eval_datasets: list[RLDatasetConfig] = field(default_factory=list)  # held-out, as rl.datasets
     eval_samples: int = 4  # pass@k: k samples per prompt at rl.temperature
     routing_replay: bool = False  # MoE: the trainer routes each token to the rollout's experts (R3)
-    engine: str = "transformers"  # the rollout workers' generation engine (the only one built)
+    engine: str = "transformers"  # the rollout workers' generation engine: transformers | megatron
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -128,7 +128,10 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError(f"rl.reward_workers must be >= 0, got {self.rl.reward_workers}")
         if self.rl.minibatches < 1:
             raise ConfigError(f"rl.minibatches must be at least 1, got {self.rl.minibatches}")
-        _check_engine(self.rl.engine)
+        check_engine(self.rl.engine)
+        if self.rl.routing_replay and self.rl.engine != "transformers":
+            raise ConfigError(f"rl.routing_replay records the rollout's experts in the transformers "
+                              f"engine only; rl.engine is {self.rl.engine!r}")
         if self.rl.async_steps not in (0, 1):
             raise ConfigError(f"rl.async_steps must be 0 or 1, got {self.rl.async_steps}")
         if not self.rl.sync_bucket_mb > 0:
@@ -203,31 +206,6 @@ def validate_rl_settings(rl: RLConfig) -> None:
             raise ConfigError(f"rl.datasets[{i}].reward: {e}") from None
     if sum(d.weight for d in rl.datasets) <= 0:
         raise ConfigError("rl.datasets: the weights must have a positive sum")
-
-
-# vLLM and megatron-core's inference engine are where a GPU rollout engine would go; neither
-# is wired into the rollout workers yet, so naming one is an error before any work starts.
-_PLANNED_ENGINES = {"vllm": ("vllm", "pip install vllm"),
-                    "megatron": ("megatron.core.inference", "pip install megatron-core")}
-
-
-def _check_engine(engine: str) -> None:
-    import importlib.util
-
-    if engine == "transformers":
-        return
-    if engine not in _PLANNED_ENGINES:
-        raise ConfigError(f"rl.engine {engine!r}: transformers (vllm and megatron are not built yet)")
-    module, install = _PLANNED_ENGINES[engine]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        raise ConfigError(f"rl.engine {engine!r} is not installed ({install}); and the rollout "
-                          f"workers do not drive it yet: use rl.engine transformers")
-    raise ConfigError(f"rl.engine {engine!r}: installed, but the rollout workers do not drive it yet; "
-                      f"use rl.engine transformers")
 
 
 # -- prompts ------------------------------------------------------------------------------
@@ -519,6 +497,7 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         ref_model.eval()
 
     fleet = reward_pool = None
+    engine = check_engine(rl.engine)
     if rank0:
         from megatron_bar.rl.fleet import FleetConfig, RolloutFleet
         from megatron_bar.rl.rewards import RewardPool
@@ -526,8 +505,8 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         reward_pool = RewardPool(rl.reward_workers, rl.sandbox)
 
         fleet = RolloutFleet(
-            hf_config_from_model_config(model_cfg, torch.float32),
-            FleetConfig(num_workers=rl.num_workers, cpus_per_worker=rl.cpus_per_worker,
+            engine.worker_config(model_cfg),
+            FleetConfig(engine=rl.engine, num_workers=rl.num_workers, cpus_per_worker=rl.cpus_per_worker,
                         gpus_per_worker=rl.gpus_per_worker, threads_per_worker=rl.threads_per_worker,
                         ray_address=rl.ray_address, timeout_s=rl.timeout_s,
                         sync_bucket_mb=rl.sync_bucket_mb, sync_backend=rl.sync_backend,
@@ -537,12 +516,12 @@ def _train_rl(cfg: RLTrainConfig, preempt: Preemption) -> dict:
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         # which process is which rollout worker, for an operator (Ray restarts change it)
         (out_dir / "rollout_workers.json").write_text(json.dumps({"pids": fleet.worker_pids()}))
-    from megatron_bar.rl.weights import gather_hf_state_dict
+    gather_weights = engine.gather_weights()  # in the layout the engine loads
 
     def push(version) -> tuple[float, int]:
         """Seconds the sync took and bytes it sent (rank 0; 0 elsewhere)."""
         t0 = time.perf_counter()
-        state = gather_hf_state_dict(model, model_cfg)
+        state = gather_weights(model, model_cfg)
         if rank0:
             fleet.push_weights(state, version)
         return time.perf_counter() - t0, fleet.last_sync["bytes"] if rank0 else 0

@@ -100,13 +100,13 @@ def test_full_microbatches_pad_with_rows_that_carry_no_loss():
 def test_vllm_engine_not_installed_says_how(monkeypatch):
     import importlib.util
 
-    from megatron_bar.rl.trainer import _check_engine
+    from megatron_bar.rl.engines import check_engine
     from megatron_bar.train.config import ConfigError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ConfigError, match=r"rl.engine 'vllm' is not installed \(pip install vllm\)"):
-        _check_engine("vllm")
+        check_engine("vllm")
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -122,8 +122,7 @@ def test_vllm_engine_not_installed_says_how(monkeypatch):
     ("sync_backend", "mpi", "rl.sync_backend must be auto, nccl or gloo"),
     ("sync_backend", "nccl", r"rl.sync_backend must be auto or gloo while rl.gpus_per_worker is 0"),
     ("sync_port", 70000, "rl.sync_port"),
-    ("engine", "sglang", "rl.engine 'sglang': transformers"),
-    ("engine", "megatron", "rl.engine 'megatron': installed, but"),
+    ("engine", "sglang", "rl.engine 'sglang': one of megatron, transformers"),
 ])
 def test_bad_keys_are_clear_errors(key, value, message):
     from megatron_bar.train.config import ConfigError
@@ -137,6 +136,33 @@ def test_bad_keys_are_clear_errors(key, value, message):
     setattr(cfg.rl, key, value)
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_engine_megatron_is_accepted_without_routing_replay():
+    from megatron_bar.rl.trainer import RLDatasetConfig, RLTrainConfig
+    from megatron_bar.train.config import ConfigError
+
+    cfg = RLTrainConfig()
+    cfg.model.load = "ckpt"
+    cfg.train.steps = 1
+    cfg.rl = _cfg(datasets=[RLDatasetConfig("p.jsonl")], engine="megatron")
+    cfg.validate()
+    cfg.rl.routing_replay = True
+    with pytest.raises(ConfigError, match="rl.routing_replay .* transformers engine only; rl.engine is 'megatron'"):
+        cfg.validate()
+
+
+def test_megatron_engine_not_installed_says_how(monkeypatch):
+    import importlib.util
+
+    from megatron_bar.rl.engines import check_engine
+    from megatron_bar.train.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("megatron.core.inference") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"rl.engine 'megatron' is not installed: .* \(pip install megatron-core\)"):
+        check_engine("megatron")
 
 
 def test_evaluate_greedy_and_pass_at_k():
