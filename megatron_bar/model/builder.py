@@ -31,6 +31,7 @@ def transformer_config_for_this_rank(
         params_dtype=params_dtype or platform.default_train_dtype(),
         use_transformer_engine=use_transformer_engine,
         use_cpu_initialization=not platform.has_gpu(),
+        fused_swiglu=platform.fused_swiglu(),
         **overrides,
     )
 

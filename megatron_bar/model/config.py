@@ -120,13 +120,15 @@ def to_transformer_config(
     use_cpu_initialization: bool = True,
     moe_aux_loss_coeff: float = 0.0,
     recompute: bool = False,
+    fused_swiglu: bool = False,
     **overrides,
 ):
     """The megatron ``TransformerConfig`` of ``cfg`` at one parallel layout.
 
     Settings chosen for exactness against transformers' Olmo 2 / FlexOlmo: no biases,
     SwiGLU, RMSNorm, no dropout, fp32 router softmax, FlexOlmo's top-k semantics (softmax
-    over all experts, then top-k, then optional renormalisation).
+    over all experts, then top-k, then optional renormalisation). ``fused_swiglu``:
+    megatron's ``torch.compile``d SwiGLU (:func:`megatron_bar.platform.fused_swiglu`).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -158,8 +160,9 @@ def to_transformer_config(
         expert_model_parallel_size=ep,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=use_cpu_initialization,
-        # Fused kernels exist only with Transformer Engine / apex on GPU.
-        bias_activation_fusion=False,
+        # megatron's SwiGLU fusion is torch.compile (its jit_fuser); the other fused kernels
+        # exist only with Transformer Engine / apex on GPU.
+        bias_activation_fusion=fused_swiglu,
         bias_dropout_fusion=use_transformer_engine,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

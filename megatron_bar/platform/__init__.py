@@ -26,6 +26,9 @@ __all__ = [
     "standalone_process_group",
     "has_transformer_engine",
     "default_train_dtype",
+    "fused_swiglu",
+    "fused_adam",
+    "fused_wgrad_accumulation",
     "initialize",
     "shutdown",
     "is_initialized",
@@ -91,6 +94,39 @@ def has_transformer_engine() -> bool:
 def default_train_dtype() -> torch.dtype:
     """bf16 on GPU (the recipe's precision), fp32 on CPU (exact and deterministic)."""
     return torch.bfloat16 if has_gpu() else torch.float32
+
+
+def fused_swiglu() -> bool:
+    """Whether the MLPs use megatron's fused SwiGLU (``bias_activation_fusion``).
+
+    On CPU, yes where a C++ compiler is found: megatron's ``jit_fuser`` is
+    ``torch.compile``, which turns the activation and its gradient into one loop each
+    (inductor's C++ backend), where the unfused one runs chunk, silu, an add of
+    ``glu_linear_offset`` and a product forward, and three kernels and the ``cat`` of the
+    two halves' gradients backward. On GPU the spec keeps megatron's unfused activation
+    (the fused one is not measured there yet).
+    """
+    if has_gpu():
+        return False
+    import shutil
+
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+def fused_adam() -> bool:
+    """Whether megatron's Adam (torch's ``AdamW`` where Transformer Engine and apex are
+    absent) steps with torch's fused kernel. On CPU, yes: megatron builds it with torch's
+    default there, the per-tensor loop, ~3x slower than the fused CPU kernel. On GPU
+    megatron's own fused Adam (TE / apex) is used where installed."""
+    return not has_gpu()
+
+
+def fused_wgrad_accumulation() -> bool:
+    """Whether linear layers under megatron's DDP accumulate their weight gradients straight
+    into the fp32 ``main_grad`` buffer (megatron's ``gradient_accumulation_fusion``). On
+    CPU, yes (the GEMM of the ``wgrad-accumulation`` patch); on GPU it needs apex, which
+    the project does not install."""
+    return not has_gpu()
 
 
 def synchronize() -> None:

@@ -325,6 +325,39 @@ def _patch_grad_clipping():
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+class _WgradAccumulationOnCpu:
+    """Stands in for apex's ``fused_weight_gradient_mlp_cuda`` (megatron's
+    ``gradient_accumulation_fusion``): the weight-gradient GEMM accumulates straight into
+    the parameter's fp32 ``main_grad`` buffer, ``main_grad += grad_output^T @ input``.
+    Without it each linear layer's backward makes a fresh weight gradient that megatron's
+    DDP hook then adds into ``main_grad``: one allocation and one more pass per weight."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        main_grad.addmm_(grad_output.t(), total_input)
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):
+        main_grad.addmm_(grad_output.t(), total_input)
+
+
+def _patch_wgrad_accumulation():
+    """megatron's linear layers accumulate weight gradients into ``main_grad`` through
+    apex's CUDA extension when ``gradient_accumulation_fusion`` is on, and refuse the option
+    without it; on CPU the extension's two functions are the GEMM above. Used where
+    :func:`megatron_bar.train.engine.wrap_ddp` turns the option on (the buffers exist only
+    under megatron's DDP)."""
+    from megatron.core.tensor_parallel import layers
+
+    if not hasattr(layers, "_grad_accum_fusion_available"):
+        raise UnsupportedMegatronVersion(
+            "megatron.core.tensor_parallel.layers no longer has _grad_accum_fusion_available; "
+            "the CPU patch 'wgrad-accumulation' needs revisiting for this megatron-core"
+        )
+    layers.fused_weight_gradient_mlp_cuda = _WgradAccumulationOnCpu
+    layers._grad_accum_fusion_available = True
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "device-placement",
@@ -362,6 +395,12 @@ PATCHES: tuple[Patch, ...] = (
         "optimizer",
         "grad-norm reduction allocates on CUDA and clipping asserts torch.cuda.FloatTensor",
         _patch_grad_clipping,
+    ),
+    Patch(
+        "wgrad-accumulation",
+        "gradient_accumulation_fusion needs apex's fused_weight_gradient_mlp_cuda "
+        "(a GEMM accumulating into main_grad)",
+        _patch_wgrad_accumulation,
     ),
     Patch(
         "dist-checkpoint",

@@ -47,10 +47,30 @@ def wrap_ddp(model, use_distributed_optimizer: bool | None = None) -> Distribute
         use_distributed_optimizer=use_distributed_optimizer,
     )
     ddp = DistributedDataParallel(model.config, ddp_config, model)
+    if platform.fused_wgrad_accumulation():
+        accumulate_wgrads_in_main_grad(model)
     # The schedule calls these around backward; megatron-LM's training loop sets them too.
     model.config.no_sync_func = ddp.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     return ddp
+
+
+def accumulate_wgrads_in_main_grad(model) -> int:
+    """Turn on megatron's ``gradient_accumulation_fusion`` in ``model``'s linear layers, now
+    that DDP has given every trainable weight its ``main_grad``: the backward GEMM adds the
+    weight gradient into that buffer instead of returning it for DDP's hook to add. Only
+    under DDP - without ``main_grad`` megatron's backward would fail - so it is switched on
+    here rather than in the config the model is built from (each layer copies the flag at
+    construction). Returns the number of layers switched."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.gradient_accumulation_fusion = True
+            switched += 1
+    model.config.gradient_accumulation_fusion = True
+    return switched
 
 
 def make_optimizer(
@@ -90,7 +110,28 @@ def make_optimizer(
             key = ParamKey(with_name_predicate=ParamWithNamePredicate(
                 name=f"lr_scale_{scale:g}", fn=lambda p, n, scale=scale: scales.get(n) == scale))
             overrides[key] = {"max_lr": lr * scale, "min_lr": min_lr * scale}
-    return get_megatron_optimizer(config, [ddp_model], config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, [ddp_model], config_overrides=overrides)
+    if platform.fused_adam():
+        use_torch_fused_adam(optimizer)
+    return optimizer
+
+
+def use_torch_fused_adam(optimizer) -> int:
+    """Switch the torch ``Adam``/``AdamW`` inside megatron's ``optimizer`` to torch's fused
+    kernel (its ``fused`` option, set on each param group, which the step reads; megatron
+    builds torch's optimizer without it). Same update, one pass over each tensor instead of
+    a dozen. Returns the number of param groups switched."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    switched = 0
+    for megatron_opt in chained if chained is not None else [optimizer]:
+        inner = getattr(megatron_opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):  # AdamW subclasses Adam
+            continue
+        for group in inner.param_groups:
+            group["foreach"] = False
+            group["fused"] = True
+            switched += 1
+    return switched
 
 
 @dataclass

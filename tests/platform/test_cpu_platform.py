@@ -20,7 +20,7 @@ def test_patches_are_named_and_applied():
     names = [p.name for p in cpu.PATCHES]
     assert len(names) == len(set(names))
     assert {"device-placement", "causal-mask", "rng-tracker", "router-gemm", "schedules", "ddp",
-            "optimizer", "dist-checkpoint"} <= set(names)
+            "optimizer", "wgrad-accumulation", "dist-checkpoint"} <= set(names)
     assert all(p.why for p in cpu.PATCHES)
 
 
@@ -142,3 +142,62 @@ def test_dist_checkpoint_save_load_is_bit_exact(mcore_dense_dir, tmp_path, monke
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         if isinstance(x, torch.Tensor):
             assert torch.equal(x, y), name
+
+
+def _torch_optimizers(optimizer):
+    chained = getattr(optimizer, "chained_optimizers", None)
+    return [o.optimizer for o in (chained if chained is not None else [optimizer])]
+
+
+def test_fused_cpu_step_equals_the_unfused_one(mcore_moe_dir):
+    """The CPU training step's fused paths - megatron's compiled SwiGLU, weight gradients
+    accumulated into ``main_grad`` by the ``wgrad-accumulation`` GEMM, torch's fused Adam -
+    are on, and give the gradients and the update of megatron's unfused path."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_bar.model.builder import build_model
+    from megatron_bar.model.checkpoint import load_weights
+    from megatron_bar.model.config import ModelConfig
+    from megatron_bar.train.engine import Microbatch, forward_backward, make_optimizer, wrap_ddp
+
+    cfg = ModelConfig.load(mcore_moe_dir)  # MoE: the experts' MLPs take the same paths
+    tokens, labels = batch(4, 16, seed=5)
+    mbs = [Microbatch(tokens[i : i + 2], labels[i : i + 2], torch.ones(2, 16)) for i in (0, 2)]
+
+    def linears(model):
+        return [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+
+    def run(fused_backward: bool, fused_adam: bool):
+        overrides = {} if fused_backward else {"bias_activation_fusion": False}
+        model = build_model(cfg, **overrides)
+        load_weights(model, cfg, mcore_moe_dir)
+        ddp = wrap_ddp(model)
+        optimizer = make_optimizer(ddp, lr=1e-2, clip_grad=1.0)
+        if not fused_backward:
+            for m in linears(model):
+                m.gradient_accumulation_fusion = False
+        if not fused_adam:
+            for group in (g for o in _torch_optimizers(optimizer) for g in o.param_groups):
+                group["fused"] = None
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward(ddp, mbs, cfg.vocab_size)
+        grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        return model, optimizer, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model, optimizer, grads, _ = run(fused_backward=True, fused_adam=True)
+    assert model.config.bias_activation_fusion == platform.fused_swiglu()
+    assert linears(model) and all(m.gradient_accumulation_fusion for m in linears(model))
+    assert all(g["fused"] for o in _torch_optimizers(optimizer) for g in o.param_groups)
+
+    # The backward: SwiGLU fusion and accumulation into main_grad (two microbatches).
+    _, _, ref_grads, ref_params = run(fused_backward=False, fused_adam=False)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6), name
+    # The update from the same gradients: torch's fused Adam against its per-tensor loop.
+    # (Adam's first step is ~lr * sign(g), so it is compared on identical gradients.)
+    _, _, same_grads, params = run(fused_backward=False, fused_adam=True)
+    for name, p in params.items():
+        assert torch.equal(same_grads[name], ref_grads[name]), name
+        torch.testing.assert_close(p, ref_params[name], rtol=1e-6, atol=1e-7), name
