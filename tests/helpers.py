@@ -109,20 +109,29 @@ class SmallDisk:
         subprocess.run(["umount", str(self.root)], capture_output=True, timeout=30)
 
 
-def perturbed_bar2_worker(bar2_dir):
-    """A rollout worker holding the tiny 2-expert BAR MoE with its expert 1 and router moved
-    apart from the anchor (seeded), so that routing changes what the model computes."""
+def perturbed_policy(path, scale: float = 0.3, seed: int | None = 0):
+    """The checkpoint at ``path`` loaded, with its expert 1 and router moved apart from the
+    anchor (seeded unless ``seed`` is None), so that routing changes what the MoE computes
+    (a dense checkpoint loads unchanged)."""
     import megatron_bar
+
+    policy = megatron_bar.load_model(path)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.gpt.named_parameters():
+            if "local_experts.1" in name or "router" in name:
+                p.add_(scale * torch.randn_like(p))
+    return policy
+
+
+def perturbed_bar2_worker(bar2_dir):
+    """A rollout worker holding :func:`perturbed_policy` of the tiny 2-expert BAR MoE."""
     from megatron_bar.convert.hf_io import hf_config_from_model_config
     from megatron_bar.rl.rollout import RolloutWorker
     from megatron_bar.rl.weights import gather_hf_state_dict
 
-    policy = megatron_bar.load_model(bar2_dir)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.gpt.named_parameters():
-            if "local_experts.1" in name or "router" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    policy = perturbed_policy(bar2_dir)
     worker = RolloutWorker(hf_config_from_model_config(policy.config, torch.float32))
     worker.set_weights(gather_hf_state_dict(policy.gpt, policy.config), 1)
     return worker

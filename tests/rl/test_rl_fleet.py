@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-import megatron_bar
+from helpers import perturbed_policy
 from megatron_bar.convert.hf_io import hf_config_from_model_config
 from megatron_bar.rl.fleet import FleetConfig, RolloutError, RolloutFleet
 from megatron_bar.rl.weights import gather_hf_state_dict
@@ -19,12 +19,8 @@ PROMPT = [1, 5, 6, 7, 8]
 
 @pytest.fixture(scope="module")
 def policy(tiny_base):
-    model = megatron_bar.load_model(tiny_base["bar2"])
-    with torch.no_grad():  # move away from the upcycled state so the experts differ
-        for name, p in model.gpt.named_parameters():
-            if "local_experts.1" in name or "router" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
+    # moved away from the upcycled state so the experts differ (unseeded, as before)
+    return perturbed_policy(tiny_base["bar2"], scale=0.05, seed=None)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import megatron_bar
+from helpers import perturbed_policy
 from megatron_bar.convert.hf_io import hf_config_from_model_config
 from megatron_bar.demo.toy_rl import write_digit_prompts
 from megatron_bar.rl.grpo import token_entropy
@@ -28,21 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [4, 4]]  # three lengths: megatron starts each at its own step
 
 
-def _policy(path):
-    """The checkpoint with its expert 1 and router moved off the anchor (seeded): routing
-    then changes what the MoE computes."""
-    policy = megatron_bar.load_model(path)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.gpt.named_parameters():
-            if "local_experts.1" in name or "router" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return policy
-
-
 @pytest.fixture(scope="module", params=["dense", "bar2"])
 def engines(request, tiny_base):
-    policy = _policy(tiny_base[request.param])
+    policy = perturbed_policy(tiny_base[request.param])
     hf = RolloutWorker(hf_config_from_model_config(policy.config, torch.float32))
     hf.set_weights(gather_hf_state_dict(policy.gpt, policy.config), 1)
     mc = MegatronRolloutWorker(policy.config.to_dict())

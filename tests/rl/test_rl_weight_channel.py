@@ -19,7 +19,7 @@ import signal
 import pytest
 import torch
 
-import megatron_bar
+from helpers import perturbed_policy
 from megatron_bar.convert.hf_io import hf_config_from_model_config
 from megatron_bar.rl.channel import Bucket, WeightReceiver, WeightSender, plan_buckets
 from megatron_bar.rl.fleet import FleetConfig, RolloutFleet
@@ -112,13 +112,7 @@ def test_a_receiver_left_waiting_fails_when_rank_0_drops_the_group():
 
 @pytest.fixture(scope="module")
 def policy(tiny_base):
-    model = megatron_bar.load_model(tiny_base["bar2"])
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.gpt.named_parameters():
-            if "local_experts.1" in name or "router" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_policy(tiny_base["bar2"], scale=0.05, seed=1)
 
 
 @pytest.fixture(scope="module")
