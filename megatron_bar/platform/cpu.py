@@ -434,19 +434,24 @@ INFERENCE_PATCH = Patch(
 )
 
 _applied = False
-_modelopt_applied = False
-_inference_applied = False
+
+
+_optional_applied: set[str] = set()
+
+
+def _apply_optional(patch: Patch) -> None:
+    """A patch applied only when its feature is used (once per process, never with CUDA)."""
+    if patch.name in _optional_applied:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError(f"the CPU patch {patch.name!r} is for machines without CUDA")
+    patch.apply()
+    log.debug("CPU patch applied: %s (%s)", patch.name, patch.why)
+    _optional_applied.add(patch.name)
 
 
 def apply_inference_patch() -> None:
-    global _inference_applied
-    if _inference_applied:
-        return
-    if torch.cuda.is_available():
-        raise RuntimeError("apply_inference_patch() is for machines without CUDA")
-    INFERENCE_PATCH.apply()
-    log.debug("inference CPU patch applied: %s (%s)", INFERENCE_PATCH.name, INFERENCE_PATCH.why)
-    _inference_applied = True
+    _apply_optional(INFERENCE_PATCH)
 
 
 class TensorCudaStaysOnCpu(torch.overrides.TorchFunctionMode):
@@ -465,14 +470,7 @@ class TensorCudaStaysOnCpu(torch.overrides.TorchFunctionMode):
 
 
 def apply_modelopt_patch() -> None:
-    global _modelopt_applied
-    if _modelopt_applied:
-        return
-    if torch.cuda.is_available():
-        raise RuntimeError("apply_modelopt_patch() is for machines without CUDA")
-    MODELOPT_PATCH.apply()
-    log.debug("modelopt CPU patch applied: %s (%s)", MODELOPT_PATCH.name, MODELOPT_PATCH.why)
-    _modelopt_applied = True
+    _apply_optional(MODELOPT_PATCH)
 
 
 def mcore_version() -> str:

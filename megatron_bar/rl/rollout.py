@@ -14,6 +14,7 @@ weight-sync channel (:mod:`megatron_bar.rl.channel`), never through Ray's object
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 
@@ -113,15 +114,16 @@ def _return_large_blocks_to_the_os(threshold: int = 128 << 10) -> None:
         pass
 
 
-class WeightChannelMember:
+class WeightChannelMember(abc.ABC):
     """The receiving side of the weight sync, for any rollout worker: the worker gives
     ``_targets()`` (tensor name -> the view of its model's storage that tensor fills)."""
 
     _channel: WeightReceiver | None = None
     version: int = -1
 
+    @abc.abstractmethod
     def _targets(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Tensor name (as the trainer sends it) -> the tensor it is copied into."""
 
     def join_weight_channel(self, address: ChannelAddress, rank: int) -> int:
         """Join the trainer's weight-sync group (leaving any earlier one); this process's pid."""
