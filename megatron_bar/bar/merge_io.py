@@ -269,7 +269,8 @@ class _LazySaveStrategy(SaveShardedStrategy):
         planner = _LazySavePlanner(self.fill, self.done, dedup_replicated_tensors=False, flatten_state_dict=False)
         try:
             dcp.save(mcore_to_pyt_state_dict(by_key, False), planner=planner,
-                     storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0))
+                     storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0),
+                     no_dist=True)  # (one process writes: no plans exchanged through the process group)
         finally:
             if planner.ahead is not None:
                 planner.ahead.close()
