@@ -160,3 +160,70 @@ def domain_mean_router_init(model, domain_batches: dict[str, list], expert_domai
         for _, router in _routers(model):
             dist.broadcast(router.weight.data, src=parallel_state.get_data_parallel_global_ranks()[0],
                            group=parallel_state.get_data_parallel_group())
+
+
+@torch.no_grad()
+def domain_probe_router_init(model, domain_batches: dict[str, list], expert_domains: list[str | None],
+                             own_routing: bool = False, steps: int = 300, lr: float = 1e-2,
+                             weight_decay: float = 1e-2) -> dict[int, float]:
+    """Fit every layer's router, a bias-free linear map of its input, to the domains of the
+    tokens (every token of each domain's batches), layer by layer, first to last, each on
+    the inputs the layers before it produce once routed so. A domain no expert has (general
+    chat) goes to the expert whose domain is None (the anchor).
+
+    The target of a token of an expert's domain: that expert (``own_routing=False``: a
+    classifier of the domains), or the split between the anchor and that expert which the
+    router's current rows give it (``own_routing=True``: each expert's own rows, trained
+    with the anchor in its stages, decide as they did there, and every other expert gets
+    nothing) - the routing under which each expert was trained.
+
+    FlexOlmo seeds the router from domain embeddings; at toy scale (width 128) the mean
+    hidden states of the domains are nearly parallel, so such rows route almost uniformly,
+    while a linear map of the same inputs separates the domains. Returns each layer's
+    share of tokens whose largest weight is on their target's largest."""
+    labels = {d: [e for e, ed in enumerate(expert_domains) if ed == d] for d in domain_batches}
+    anchor = [e for e, d in enumerate(expert_domains) if d is None]
+    for d, experts in labels.items():
+        if not experts:
+            if not anchor:
+                raise ValueError(f"router init: domain {d!r} has no expert and there is no anchor")
+            labels[d] = anchor
+    missing = {d for d in expert_domains if d is not None} - set(domain_batches)
+    if missing:
+        raise ValueError(f"router init: no data for expert domain(s) {sorted(missing)}")
+    accuracy = {}
+    for layer, router in _routers(model):
+        tap = _RouterTap(model, keep_inputs=True)
+        xs, targets = [], []
+        try:
+            for domain, batches in domain_batches.items():
+                for lst in tap.inputs.values():
+                    lst.clear()
+                _run(model, batches)
+                x = torch.cat(tap.inputs[layer])
+                target = torch.zeros(len(x), router.weight.size(0), device=x.device)
+                expert = labels[domain][0]
+                if own_routing and anchor and expert != anchor[0]:
+                    pair = [anchor[0], expert]
+                    target[:, pair] = torch.softmax(x @ router.weight.float()[pair].t(), dim=-1)
+                else:
+                    target[:, expert] = 1.0
+                xs.append(x)
+                targets.append(target)
+        finally:
+            tap.close()
+        x, target = torch.cat(xs), torch.cat(targets)
+        start = router.weight.float() if own_routing else torch.zeros_like(router.weight, dtype=torch.float32)
+        weight = start.detach().clone().requires_grad_()
+        opt = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(x @ weight.t(), target).backward()
+                opt.step()
+        accuracy[layer] = ((x @ weight.t()).argmax(-1) == target.argmax(-1)).float().mean().item()
+        router.weight.copy_(weight.detach().to(router.weight.dtype))
+        if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+            dist.broadcast(router.weight.data, src=parallel_state.get_data_parallel_global_ranks()[0],
+                           group=parallel_state.get_data_parallel_group())
+    return accuracy

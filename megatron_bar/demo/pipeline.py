@@ -53,15 +53,18 @@ class DemoSettings:
     midtrain_steps: int = 250
     sft_steps: int = 500
     rl_steps: int = 12
-    router_epochs: float = 30.0
-    router_fraction: float = 0.05
+    # the router stage: 282 steps either way; chosen on the dev split (README, "The demo"):
+    # all of the SFT data for 1.5 epochs rather than 5% for 30, rows fitted to each
+    # expert's own routing on its domain first (router_init domain_routing)
+    router_epochs: float = 1.5
+    router_fraction: float = 1.0
     upgrade_factor: float = 2.0  # the code v2 expert trains this many times longer
     lr_pretrain: float = 3e-3
     lr_midtrain: float = 2e-3
     lr_sft: float = 3e-3
     lr_rl: float = 3e-4
     lr_router: float = 1e-2
-    router_init: str = "none"  # the experts' own router rows (domain_means: the option)
+    router_init: str = "domain_routing"  # none: the experts' own rows; domain_means, domain_probe
     # LR multiplier of the shared parameters in the BAR expert stages (optim.shared_lr_scale):
     # at this size, experts whose embeddings and LM head moved at the stage's LR (the
     # recipe's choice at 7B) lose their domains when the merge averages those parameters;
@@ -171,7 +174,9 @@ class Planner:
                       "global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size,
                       "seed": s.seed + 1234, "log_interval": max(1, steps // 10), "output_dir": str(out)},
             "checkpoint": {"interval": 100000, "keep_last": 1},
-            "router": {"init": router_init, "stats": stage in ("sft", "midtrain", "router")},
+            # the router stage's init fits on all of its data (5% of SFT: ~40 sequences a domain)
+            "router": {"init": router_init, "stats": stage in ("sft", "midtrain", "router"),
+                       **({"stats_sequences": 64} if stage == "router" else {})},
         }
         config = self.run / "configs" / f"{name}.yaml"
         self.stages[name] = Stage(name, config, out, steps=steps,
@@ -427,15 +432,18 @@ def _resolve_row(p: Planner, spec: dict) -> dict:
 # -- running ---------------------------------------------------------------------------------
 
 def _make_base(s: DemoSettings, run: Path) -> None:
-    """Data, tokenizer (without the tool-call tokens) and a random dense tiny Olmo 2."""
+    """Tokenizer (without the tool-call tokens), a random dense tiny Olmo 2, then the data
+    (the base's pretraining text quotes its vocabulary's pieces)."""
+    from megatron_bar.data.tokenizer import load_tokenizer
     from megatron_bar.demo.tiny import build_tiny_base
 
-    D.write_domain_data(run / "data", s.sizes, s.seed)
     tmp = run / "models" / ".base-build"
     if tmp.exists():
         shutil.rmtree(tmp)
     corpus = D.tokenizer_corpus(s.seed)
     paths = build_tiny_base(tmp, s.spec, seed=s.seed, corpus=corpus, with_moe=False)
+    pieces = D.vocabulary_pieces(load_tokenizer(paths["dense"] / "tokenizer"))
+    D.write_domain_data(run / "data", s.sizes, s.seed, pieces)
     paths["dense"].rename(run / "models" / "base")
     shutil.rmtree(tmp)
 

@@ -111,7 +111,11 @@ class TrainLoopConfig:
 class RouterConfig:
     """Options of MoE models: router initialisation and routing statistics."""
 
-    init: str = "none"  # none | domain_means (each expert's row <- its domain's mean hidden state)
+    # none | domain_means (each expert's row <- its domain's mean hidden state) | domain_probe
+    # (every row fitted as a linear classifier of the tokens' domains; general -> the anchor) |
+    # domain_routing (fitted so that a domain's tokens split between the anchor and its
+    # expert as that expert's own rows split them, and no other expert gets any)
+    init: str = "none"
     stats: bool = True  # write router_stats.{json,png}: share of tokens per expert per domain
     stats_sequences: int = 16  # sequences per domain for the statistics and the init
 
@@ -169,8 +173,8 @@ class TrainConfig:
             raise ConfigError("data.datasets mixes jsonl and indexed datasets; preprocess them all")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
-        if self.router.init not in ("none", "domain_means"):
-            raise ConfigError(f"router.init {self.router.init!r}: none or domain_means")
+        if self.router.init not in ("none", "domain_means", "domain_probe", "domain_routing"):
+            raise ConfigError(f"router.init {self.router.init!r}: none, domain_means, domain_probe or domain_routing")
         if not 0 < self.data.sample_fraction <= 1:
             raise ConfigError("data.sample_fraction must be in (0, 1]")
         from megatron_bar.train.gpu_features import validate_gpu_features

@@ -201,11 +201,17 @@ def _expert_names(cfg: TrainConfig, model_cfg: ModelConfig) -> list[str]:
 
 
 def _init_router_from_domains(cfg, model, model_cfg, data):
-    from megatron_bar.bar.router_stats import domain_mean_router_init
+    from megatron_bar.bar.router_stats import domain_mean_router_init, domain_probe_router_init
 
     names = _expert_names(cfg, model_cfg)
     batches = data.domain_batches(cfg.router.stats_sequences, cfg.train.micro_batch_size)
     expert_domains = [None if n == "anchor" else n for n in names]
+    if cfg.router.init in ("domain_probe", "domain_routing"):
+        accuracy = domain_probe_router_init(model, batches, expert_domains,
+                                            own_routing=cfg.router.init == "domain_routing")
+        _print0(f"router rows fitted to the domains ({cfg.router.init}): {names}; training accuracy per layer "
+                + ", ".join(f"{a:.3f}" for _, a in sorted(accuracy.items())))
+        return
     domain_mean_router_init(model, batches, expert_domains)
     _print0(f"router rows initialised from domain means: {names}")
 
@@ -278,7 +284,7 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
     else:
         model = _initial_model(cfg, start_cfg, model_cfg, fit)
 
-    if resume_from is None and cfg.router.init == "domain_means":
+    if resume_from is None and cfg.router.init in ("domain_means", "domain_probe", "domain_routing"):
         _init_router_from_domains(cfg, model, model_cfg, data)
 
     run = setup_training(cfg, model, model_cfg, total_steps, resume_from, fit.new_ids)

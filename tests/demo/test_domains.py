@@ -107,3 +107,28 @@ def test_holding_out_test_and_dev_leaves_every_form_in_training(tmp_path, seed):
         for form, share in shares["test"].items():
             if share >= 0.025:
                 assert shares["sft"].get(form, 0.0) >= share / 3, (domain, form, share, shares["sft"].get(form))
+
+
+def test_pretraining_text_covers_every_reply_token(tmp_path):
+    """The base's pretraining text, with its vocabulary's pieces, holds every token the
+    domains' SFT replies use (as a real pretrained base has seen its whole vocabulary),
+    while no domain reply appears in it; without the pieces most code tokens never occur."""
+    from megatron_bar.demo.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "tok", 480, 0, D.tokenizer_corpus(0))
+    sizes = D.DataSizes(sft=200, rl=4, test=12, dev=10, midtrain=4, pretrain=6000)
+
+    def unseen_reply_tokens(pieces):
+        paths = D.write_domain_data(tmp_path / f"data{len(pieces)}", sizes, seed=0, pieces=pieces)
+        texts = [json.loads(line)["text"] for line in paths["pretrain"].read_text().splitlines()]
+        seen = {t for text in texts for t in tokenizer.encode(text)}
+        unseen = {}
+        for domain in D.DOMAINS:
+            replies = [json.loads(line)["messages"][-1]["content"] for line in paths[f"sft/{domain}"].read_text().splitlines()]
+            assert not any(r in text for r in replies if len(r) > 12 for text in texts), domain
+            tokens = [t for r in replies for t in tokenizer.encode(r.replace(D.TOOL_CALL_TOKENS[0], "").replace(D.TOOL_CALL_TOKENS[1], ""))]
+            unseen[domain] = sum(t not in seen for t in tokens) / len(tokens)
+        return unseen
+
+    assert unseen_reply_tokens(D.vocabulary_pieces(tokenizer)) == {d: 0.0 for d in D.DOMAINS}
+    assert unseen_reply_tokens(())["code"] > 0.3

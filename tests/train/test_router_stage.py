@@ -5,6 +5,7 @@ routing statistics show each domain's tokens leaning to its own expert."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_bar.bar.merge import merge_experts
@@ -109,3 +110,73 @@ def test_routing_weight_share_tells_experts_apart_at_full_topk(mcore_moe_dir):
         probs = torch.softmax(x @ router.weight.float().t(), dim=-1).mean(0)
         assert torch.allclose(torch.tensor(layer_share, dtype=torch.float64), probs.double() / probs.sum(), atol=1e-5)
     assert max(max(layer) - min(layer) for layer in d["weight_per_layer"]) > 1e-3
+
+
+def test_domain_probe_init_routes_each_domain_to_its_expert(mcore_moe_dir):
+    """The classifier init on three synthetic domains (tokens from disjoint id ranges):
+    afterwards the routing weights, measured by a forward pass of the model, put each
+    domain's tokens on its own expert (general's on the anchor), in every layer; the
+    random router before it does not."""
+    from megatron_bar.bar.router_stats import domain_probe_router_init, routing_shares
+    from megatron_bar.model.load import load_model
+
+    num_experts = json.loads((mcore_moe_dir / "model_config.json").read_text())["num_experts"]
+    gpt = load_model(mcore_moe_dir, moe_topk=num_experts).gpt
+    g = torch.Generator().manual_seed(0)
+    positions = torch.arange(16).expand(4, 16)
+    ranges = {"general": (0, 30), "a": (30, 60), "b": (60, 90)}
+    batches = {d: [(torch.randint(lo, hi, (4, 16), generator=g), positions, None)] for d, (lo, hi) in ranges.items()}
+    expert_domains = [None, "a", "b"] + [f"unused{e}" for e in range(3, num_experts)]
+    with pytest.raises(ValueError, match="unused3"):
+        domain_probe_router_init(gpt, batches, expert_domains)
+    expert_domains = expert_domains[:3] + ["b"] * (num_experts - 3)
+    own = {"general": 0, "a": 1, "b": 2}
+
+    def top_expert_per_layer():
+        shares = routing_shares(gpt, batches)["domains"]
+        return {d: [max(range(num_experts), key=layer.__getitem__) for layer in shares[d]["weight_per_layer"]]
+                for d in ranges}
+
+    before = top_expert_per_layer()
+    assert any(e != own[d] for d, tops in before.items() for e in tops)
+    accuracy = domain_probe_router_init(gpt, batches, expert_domains)
+    assert len(accuracy) > 1 and min(accuracy.values()) > 0.9
+    assert top_expert_per_layer() == {d: [own[d]] * len(before[d]) for d in ranges}
+
+
+def test_domain_routing_init_keeps_each_experts_own_split_with_the_anchor(mcore_moe_dir):
+    """own_routing: a domain's tokens split between the anchor and their expert as that
+    expert's rows split them before (computed here from the rows and the layer's inputs),
+    and the other experts get (almost) nothing."""
+    from megatron_bar.bar.router_stats import _RouterTap, domain_probe_router_init
+    from megatron_bar.model.load import load_model
+
+    num_experts = json.loads((mcore_moe_dir / "model_config.json").read_text())["num_experts"]
+    gpt = load_model(mcore_moe_dir, moe_topk=num_experts).gpt
+    g = torch.Generator().manual_seed(1)
+    positions = torch.arange(16).expand(4, 16)
+    ranges = {"general": (0, 30), "a": (30, 60), "b": (60, 90)}
+    batches = {d: [(torch.randint(lo, hi, (4, 16), generator=g), positions, None)] for d, (lo, hi) in ranges.items()}
+    expert_domains = [None, "a"] + ["b"] * (num_experts - 2)
+    router0 = next(m for n, m in gpt.named_modules() if n.endswith("layers.0.mlp.router"))
+
+    def layer0(domain):
+        tap = _RouterTap(gpt, keep_inputs=True)
+        with torch.no_grad():
+            gpt(*batches[domain][0][:2], None)
+        tap.close()
+        x = tap.inputs[0][0]
+        return x, torch.softmax(x @ router0.weight.float().t(), dim=-1)
+
+    x, _ = layer0("a")
+    expected = torch.softmax(x @ router0.weight.float()[[0, 1]].t(), dim=-1)
+    domain_probe_router_init(gpt, batches, expert_domains, own_routing=True, steps=600, lr=3e-2, weight_decay=0.0)
+    _, probs = layer0("a")
+    assert probs[:, 2:].sum(-1).mean() < 0.05
+    split = probs[:, 1] / probs[:, :2].sum(-1)
+    # the split follows the token (one linear map also keeps the other experts off, so it
+    # is a fit, not an identity): much closer than the best constant split
+    error = (split - expected[:, 1]).abs().mean()
+    constant = (expected[:, 1].median() - expected[:, 1]).abs().mean()
+    corr = torch.corrcoef(torch.stack([split, expected[:, 1]]))[0, 1]
+    assert error < 0.8 * constant and corr > 0.7, (error, constant, corr)
