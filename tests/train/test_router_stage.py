@@ -112,20 +112,28 @@ def test_routing_weight_share_tells_experts_apart_at_full_topk(mcore_moe_dir):
     assert max(max(layer) - min(layer) for layer in d["weight_per_layer"]) > 1e-3
 
 
+def _moe_and_three_domains(mcore_moe_dir, seed):
+    """The MoE fixture with every expert active, and one batch of each of three synthetic
+    domains (general, a, b: tokens from disjoint id ranges)."""
+    from megatron_bar.model.load import load_model
+
+    num_experts = json.loads((mcore_moe_dir / "model_config.json").read_text())["num_experts"]
+    gpt = load_model(mcore_moe_dir, moe_topk=num_experts).gpt
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.arange(16).expand(4, 16)
+    ranges = {"general": (0, 30), "a": (30, 60), "b": (60, 90)}
+    batches = {d: [(torch.randint(lo, hi, (4, 16), generator=g), positions, None)] for d, (lo, hi) in ranges.items()}
+    return gpt, num_experts, ranges, batches
+
+
 def test_domain_probe_init_routes_each_domain_to_its_expert(mcore_moe_dir):
     """The classifier init on three synthetic domains (tokens from disjoint id ranges):
     afterwards the routing weights, measured by a forward pass of the model, put each
     domain's tokens on its own expert (general's on the anchor), in every layer; the
     random router before it does not."""
     from megatron_bar.bar.router_stats import domain_probe_router_init, routing_shares
-    from megatron_bar.model.load import load_model
 
-    num_experts = json.loads((mcore_moe_dir / "model_config.json").read_text())["num_experts"]
-    gpt = load_model(mcore_moe_dir, moe_topk=num_experts).gpt
-    g = torch.Generator().manual_seed(0)
-    positions = torch.arange(16).expand(4, 16)
-    ranges = {"general": (0, 30), "a": (30, 60), "b": (60, 90)}
-    batches = {d: [(torch.randint(lo, hi, (4, 16), generator=g), positions, None)] for d, (lo, hi) in ranges.items()}
+    gpt, num_experts, ranges, batches = _moe_and_three_domains(mcore_moe_dir, seed=0)
     expert_domains = [None, "a", "b"] + [f"unused{e}" for e in range(3, num_experts)]
     with pytest.raises(ValueError, match="unused3"):
         domain_probe_router_init(gpt, batches, expert_domains)
@@ -149,14 +157,8 @@ def test_domain_routing_init_keeps_each_experts_own_split_with_the_anchor(mcore_
     expert's rows split them before (computed here from the rows and the layer's inputs),
     and the other experts get (almost) nothing."""
     from megatron_bar.bar.router_stats import _RouterTap, domain_probe_router_init
-    from megatron_bar.model.load import load_model
 
-    num_experts = json.loads((mcore_moe_dir / "model_config.json").read_text())["num_experts"]
-    gpt = load_model(mcore_moe_dir, moe_topk=num_experts).gpt
-    g = torch.Generator().manual_seed(1)
-    positions = torch.arange(16).expand(4, 16)
-    ranges = {"general": (0, 30), "a": (30, 60), "b": (60, 90)}
-    batches = {d: [(torch.randint(lo, hi, (4, 16), generator=g), positions, None)] for d, (lo, hi) in ranges.items()}
+    gpt, num_experts, ranges, batches = _moe_and_three_domains(mcore_moe_dir, seed=1)
     expert_domains = [None, "a"] + ["b"] * (num_experts - 2)
     router0 = next(m for n, m in gpt.named_modules() if n.endswith("layers.0.mlp.router"))
 
