@@ -145,9 +145,7 @@ def domain_mean_router_init(model, domain_batches: dict[str, list], expert_domai
             means[domain] = {layer: torch.cat(xs).mean(0) for layer, xs in tap.inputs.items()}
     finally:
         tap.close()
-    missing = {d for d in expert_domains if d is not None} - set(means)
-    if missing:
-        raise ValueError(f"router init: no data for expert domain(s) {sorted(missing)}")
+    _check_domains_have_data(domain_batches, expert_domains)
     for layer, router in _routers(model):
         weight = router.weight
         overall = torch.stack([means[d][layer] for d in means]).mean(0)
@@ -156,10 +154,21 @@ def domain_mean_router_init(model, domain_batches: dict[str, list], expert_domai
         for e, domain in enumerate(expert_domains):
             row = means[domain][layer] if domain is not None else overall
             weight[e].copy_((row / row.norm().clamp(min=1e-12) * scale).to(weight.dtype))
+    for _, router in _routers(model):
+        _broadcast_from_first_data_parallel_rank(router)
+
+
+def _check_domains_have_data(domain_batches: dict[str, list], expert_domains: list[str | None]) -> None:
+    missing = {d for d in expert_domains if d is not None} - set(domain_batches)
+    if missing:
+        raise ValueError(f"router init: no data for expert domain(s) {sorted(missing)}")
+
+
+def _broadcast_from_first_data_parallel_rank(router) -> None:
+    """Every data-parallel rank keeps the first one's rows (each fitted on its own batches)."""
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        for _, router in _routers(model):
-            dist.broadcast(router.weight.data, src=parallel_state.get_data_parallel_global_ranks()[0],
-                           group=parallel_state.get_data_parallel_group())
+        dist.broadcast(router.weight.data, src=parallel_state.get_data_parallel_global_ranks()[0],
+                       group=parallel_state.get_data_parallel_group())
 
 
 @torch.no_grad()
@@ -181,16 +190,13 @@ def domain_probe_router_init(model, domain_batches: dict[str, list], expert_doma
     hidden states of the domains are nearly parallel, so such rows route almost uniformly,
     while a linear map of the same inputs separates the domains. Returns each layer's
     share of tokens whose largest weight is on their target's largest."""
-    labels = {d: [e for e, ed in enumerate(expert_domains) if ed == d] for d in domain_batches}
-    anchor = [e for e, d in enumerate(expert_domains) if d is None]
-    for d, experts in labels.items():
-        if not experts:
-            if not anchor:
-                raise ValueError(f"router init: domain {d!r} has no expert and there is no anchor")
-            labels[d] = anchor
-    missing = {d for d in expert_domains if d is not None} - set(domain_batches)
-    if missing:
-        raise ValueError(f"router init: no data for expert domain(s) {sorted(missing)}")
+    anchor = expert_domains.index(None) if None in expert_domains else None
+    label: dict[str, int] = {}  # domain -> its (first) expert, else the anchor
+    for d in domain_batches:
+        label[d] = expert_domains.index(d) if d in expert_domains else anchor
+        if label[d] is None:
+            raise ValueError(f"router init: domain {d!r} has no expert and there is no anchor")
+    _check_domains_have_data(domain_batches, expert_domains)
     accuracy = {}
     for layer, router in _routers(model):
         tap = _RouterTap(model, keep_inputs=True)
@@ -202,9 +208,9 @@ def domain_probe_router_init(model, domain_batches: dict[str, list], expert_doma
                 _run(model, batches)
                 x = torch.cat(tap.inputs[layer])
                 target = torch.zeros(len(x), router.weight.size(0), device=x.device)
-                expert = labels[domain][0]
-                if own_routing and anchor and expert != anchor[0]:
-                    pair = [anchor[0], expert]
+                expert = label[domain]
+                if own_routing and anchor is not None and expert != anchor:
+                    pair = [anchor, expert]
                     target[:, pair] = torch.softmax(x @ router.weight.float()[pair].t(), dim=-1)
                 else:
                     target[:, expert] = 1.0
@@ -223,7 +229,5 @@ def domain_probe_router_init(model, domain_batches: dict[str, list], expert_doma
                 opt.step()
         accuracy[layer] = ((x @ weight.t()).argmax(-1) == target.argmax(-1)).float().mean().item()
         router.weight.copy_(weight.detach().to(router.weight.dtype))
-        if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-            dist.broadcast(router.weight.data, src=parallel_state.get_data_parallel_global_ranks()[0],
-                           group=parallel_state.get_data_parallel_group())
+        _broadcast_from_first_data_parallel_rank(router)  # before the next layer's inputs
     return accuracy

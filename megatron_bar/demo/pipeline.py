@@ -174,7 +174,7 @@ class Planner:
                       "global_batch_size": s.global_batch_size, "micro_batch_size": s.micro_batch_size,
                       "seed": s.seed + 1234, "log_interval": max(1, steps // 10), "output_dir": str(out)},
             "checkpoint": {"interval": 100000, "keep_last": 1},
-            # the router stage's init fits on all of its data (5% of SFT: ~40 sequences a domain)
+            # the router stage's init fits on 64 sequences of each domain (16 by default)
             "router": {"init": router_init, "stats": stage in ("sft", "midtrain", "router"),
                        **({"stats_sequences": 64} if stage == "router" else {})},
         }

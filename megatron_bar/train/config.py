@@ -107,6 +107,9 @@ class TrainLoopConfig:
     output_dir: str = "runs/default"  # metrics, plots, checkpoints (unless checkpoint.dir)
 
 
+ROUTER_INITS = ("none", "domain_means", "domain_probe", "domain_routing")
+
+
 @dataclass
 class RouterConfig:
     """Options of MoE models: router initialisation and routing statistics."""
@@ -173,8 +176,8 @@ class TrainConfig:
             raise ConfigError("data.datasets mixes jsonl and indexed datasets; preprocess them all")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
-        if self.router.init not in ("none", "domain_means", "domain_probe", "domain_routing"):
-            raise ConfigError(f"router.init {self.router.init!r}: none, domain_means, domain_probe or domain_routing")
+        if self.router.init not in ROUTER_INITS:
+            raise ConfigError(f"router.init {self.router.init!r}: one of {', '.join(ROUTER_INITS)}")
         if not 0 < self.data.sample_fraction <= 1:
             raise ConfigError("data.sample_fraction must be in (0, 1]")
         from megatron_bar.train.gpu_features import validate_gpu_features

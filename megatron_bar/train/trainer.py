@@ -284,7 +284,7 @@ def _train(cfg: TrainConfig, preempt: Preemption) -> TrainResult:
     else:
         model = _initial_model(cfg, start_cfg, model_cfg, fit)
 
-    if resume_from is None and cfg.router.init in ("domain_means", "domain_probe", "domain_routing"):
+    if resume_from is None and cfg.router.init != "none":
         _init_router_from_domains(cfg, model, model_cfg, data)
 
     run = setup_training(cfg, model, model_cfg, total_steps, resume_from, fit.new_ids)
