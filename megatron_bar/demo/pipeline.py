@@ -49,8 +49,9 @@ class DemoSettings:
     micro_batch_size: int = 8
     pretrain_steps: int = 1500
     base_sft_steps: int = 300
-    # chosen on the dev split (README, "The demo": the tuning runs): 250 / 500 against 60 / 300
-    midtrain_steps: int = 250
+    # chosen on the dev split (README, "The demo": the tuning runs): 500 / 500 against 250 / 500
+    # and 60 / 300
+    midtrain_steps: int = 500
     sft_steps: int = 500
     rl_steps: int = 12
     # the router stage: 282 steps either way; chosen on the dev split (README, "The demo"):
@@ -63,7 +64,7 @@ class DemoSettings:
     lr_midtrain: float = 2e-3
     lr_sft: float = 3e-3
     lr_rl: float = 3e-4
-    lr_router: float = 1e-2
+    lr_router: float = 3e-3  # chosen on the dev split against 1e-2 and 1e-3 (README, "The demo")
     router_init: str = "domain_routing"  # none: the experts' own rows; domain_means, domain_probe
     # LR multiplier of the shared parameters in the BAR expert stages (optim.shared_lr_scale):
     # at this size, experts whose embeddings and LM head moved at the stage's LR (the
@@ -329,11 +330,14 @@ def build_graph(s: DemoSettings, run: Path, graph: JobGraph, base_fn) -> Plan:
     code_v2 = expert_chain(p, "bar_code_v2", "code", "upcycle", stages=("midtrain", "sft", "rlvr"),
                            steps_factor=s.upgrade_factor, label="code v2")
     plan.rl_runs["code v2"] = code_v2[-1]
+    # The released model (router trained) is the base, and its router goes on training from
+    # where it was: a router stage from a fresh init moved the domains whose experts had not
+    # changed by more on the dev split (README, "The demo").
     p.tool("merge_v2", "merge_experts.py",
-           ["--base", run / "models" / "merge", "--replace", lambda: f"code={p.ckpt(code_v2[-1])}",
-            "--save", run / "models" / "merge_v2"], deps=("merge", code_v2[-1]), label="replace code expert")
+           ["--base", lambda: p.ckpt(router), "--replace", lambda: f"code={p.ckpt(code_v2[-1])}",
+            "--save", run / "models" / "merge_v2"], deps=(router, code_v2[-1]), label="replace code expert")
     router_v2 = p.train("bar_v2_router", "merge_v2", "router", 0, s.lr_router, p._datasets(all_sft),
-                        deps=("merge_v2",), router_init=s.router_init, fraction=s.router_fraction,
+                        deps=("merge_v2",), router_init="none", fraction=s.router_fraction,
                         epochs=s.router_epochs, label="router after upgrade")
     plan.rows["BAR + code v2 (upgrade)"] = {"load": router_v2}
     plan.cost_groups["upgrade code: BAR"] = [*code_v2, router_v2]
