@@ -171,7 +171,10 @@ def test_pipeline_end_to_end(source, dense, data, tmp_path):
 
     merged = tmp_path / "merged"
     merge_experts([("math", rl_ckpt), ("general", other)], merged, print_fn=lambda *a: None)
-    router = _train(merged, data, tmp_path / "router", "train.stage=router", "train.steps=1")
+    # the router stage as the demo runs it: rows fitted to each expert's own routing first
+    both = json.dumps([{"path": str(data), "kind": "chat", "domain": d} for d in ("math", "general")])
+    router = _train(merged, data, tmp_path / "router", "train.stage=router", "train.steps=1",
+                    f"data.datasets={both}", "router.init=domain_routing", "router.stats_sequences=2")
 
     export = tmp_path / "export"
     mcore_to_hf(router.final_checkpoint, export)
