@@ -1,4 +1,5 @@
-"""The demo's findings check: the N-1 finding needs a model that dropping an expert changes."""
+"""The demo's findings check: the N-1 finding needs a model that dropping an expert changes;
+merging loses little only where every expert does."""
 
 import megatron_bar
 from megatron_bar.data.tokenizer import load_tokenizer
@@ -23,6 +24,17 @@ def test_nm1_finding_requires_a_changed_model_and_close_scores():
     assert not nm1(_table(60, 60), {**changed, "mean_kl": 0.0})["reproduced"]  # vacuous: nothing changed
     assert not nm1(_table(60, 60), None)["reproduced"]  # unmeasured is not reproduced
     assert "KL 0.01" in nm1(_table(60, 59), changed)["measured"]
+
+
+def test_merge_finding_holds_for_each_expert_not_on_average():
+    def merge(bar_scores):
+        table = {f"expert: {d}": {d: 80.0} for d in D.DOMAINS}
+        table["BAR"] = dict(zip(D.DOMAINS, bar_scores))
+        return next(c for c in check_claims(table) if c["claim"].startswith("merging loses little"))
+
+    assert merge([75.0, 80.0, 78.0, 81.0])["reproduced"]  # the largest loss is 5
+    assert not merge([72.0, 80.0, 80.0, 80.0])["reproduced"]  # one loses 8: the mean (2) is not the test
+    assert "math 80.0 -> 72.0" in merge([72.0, 80.0, 80.0, 80.0])["measured"]
 
 
 def test_topk_change_is_zero_for_the_same_model_and_positive_for_fewer_experts(tiny_base, tmp_path):
