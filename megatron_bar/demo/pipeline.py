@@ -331,8 +331,8 @@ def build_graph(s: DemoSettings, run: Path, graph: JobGraph, base_fn) -> Plan:
                            steps_factor=s.upgrade_factor, label="code v2")
     plan.rl_runs["code v2"] = code_v2[-1]
     # The released model (router trained) is the base, and its router goes on training from
-    # where it was: a router stage from a fresh init moved the domains whose experts had not
-    # changed by more on the dev split (README, "The demo").
+    # where it was: on the dev split this moved the domains whose experts had not changed
+    # less than a router stage from a fresh init (README, "The demo").
     p.tool("merge_v2", "merge_experts.py",
            ["--base", lambda: p.ckpt(router), "--replace", lambda: f"code={p.ckpt(code_v2[-1])}",
             "--save", run / "models" / "merge_v2"], deps=(router, code_v2[-1]), label="replace code expert")

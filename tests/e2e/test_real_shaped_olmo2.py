@@ -27,8 +27,8 @@ CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny" /
 NEW_TOKEN = "<tool_call>"
 
 
-def _train(load, data, out, *extra):
-    datasets = json.dumps([{"path": str(data), "kind": "chat", "domain": "math"}])
+def _train(load, data, out, *extra, domains=("math",)):
+    datasets = json.dumps([{"path": str(data), "kind": "chat", "domain": d} for d in domains])
     return train(load_config(CONFIG, [
         f"model.load={load}", f"data.datasets={datasets}", "data.seq_length=96",
         "train.global_batch_size=2", "train.micro_batch_size=2", "train.log_interval=1",
@@ -172,9 +172,8 @@ def test_pipeline_end_to_end(source, dense, data, tmp_path):
     merged = tmp_path / "merged"
     merge_experts([("math", rl_ckpt), ("general", other)], merged, print_fn=lambda *a: None)
     # the router stage as the demo runs it: rows fitted to each expert's own routing first
-    both = json.dumps([{"path": str(data), "kind": "chat", "domain": d} for d in ("math", "general")])
     router = _train(merged, data, tmp_path / "router", "train.stage=router", "train.steps=1",
-                    f"data.datasets={both}", "router.init=domain_routing", "router.stats_sequences=2")
+                    "router.init=domain_routing", "router.stats_sequences=2", domains=("math", "general"))
 
     export = tmp_path / "export"
     mcore_to_hf(router.final_checkpoint, export)
