@@ -78,8 +78,10 @@ class DemoSettings:
     # optim.train_only_added_vocab_rows in the BAR expert stages: "no"; "added" (the stage
     # that adds the tool-call tokens trains only their rows, at new_token_embedding_lr_scale,
     # embedding and LM head alike); "all" (that, and no other expert stage trains a
-    # vocabulary row).
-    vocab_rows: str = "no"
+    # vocabulary row). "added", chosen on the dev split against "no" and "all" (README, "The
+    # demo"): the merge averages the embedding, and the tool expert's moves of the rows every
+    # expert shares were what its domain lost in the merge.
+    vocab_rows: str = "added"
     rl_prompts: int = 8
     rl_samples: int = 8
     rl_max_tokens: int = 24
