@@ -177,6 +177,13 @@ def to_transformers(model, dtype: torch.dtype = torch.float32):
     from megatron_bar.rl.rollout import _build_hf_model, to_transformers_layout
     from megatron_bar.rl.weights import gather_hf_state_dict
 
+    selection = getattr(model, "expert_selection", None)
+    if selection is not None:
+        # FlexOlmo's config has one top-k and no dropped experts: the copy would route as
+        # the checkpoint does and quietly serve every expert
+        raise ValueError(f"to_transformers: the model was loaded with an expert selection "
+                         f"({selection.describe()}), which a transformers FlexOlmo cannot carry; "
+                         "decode with the megatron model itself, or load it with moe_topk only")
     cfg = model.config
     hf_state = gather_hf_state_dict(model.gpt, cfg)
     hf_model = _build_hf_model(hf_config_from_model_config(cfg, dtype))

@@ -125,3 +125,15 @@ def test_transformers_copy_gives_the_megatron_models_logits_and_replies(which, m
     eos = greedy_generate(model, prompts[:1], eos_id=-1, max_new_tokens=4)[0][2]
     got = greedy_generate(copy, prompts, eos_id=eos, pad_id=1, max_new_tokens=10, batch_size=4)
     assert got == greedy_generate(model, prompts, eos_id=eos, pad_id=1, max_new_tokens=10, batch_size=4)
+
+
+def test_transformers_copy_refuses_a_model_with_an_expert_selection(tiny_base):
+    """A dropped expert lives in megatron's routers only: the transformers copy would serve
+    it again, so the copy is refused rather than made wrong."""
+    import megatron_bar
+    from megatron_bar.convert import to_transformers
+
+    model = megatron_bar.load_model(tiny_base["bar2"], drop_experts=[1])
+    with pytest.raises(ValueError, match="expert selection.*dropped: "):
+        to_transformers(model)
+    to_transformers(megatron_bar.load_model(tiny_base["bar2"], moe_topk=1))  # top-k alone carries over
