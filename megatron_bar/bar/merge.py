@@ -38,7 +38,6 @@ from megatron_bar.bar.roles import role_of
 from megatron_bar.bar.vocab import (TOKENIZER_SUBDIR, VOCAB_PARAMS, VocabMergeError, VocabPlan, merge_tokenizers,
                                     plan_vocabulary)
 from megatron_bar.model.config import ModelConfig
-from megatron_bar.platform.memory import freed_host_memory_kept
 from megatron_bar.utils.fs import atomic_output_dir, check_output_free, incomplete_path
 from megatron_bar.utils.tensors import BufferPool, one_thread_per_op
 
@@ -376,7 +375,6 @@ def _now() -> str:
 
 
 @one_thread_per_op()
-@freed_host_memory_kept()
 def _run(inputs: list[Input], plan: MergePlan, tokenizer: tuple, *, topk: int | None, save_dir: Path | None,
          lines: list[str], manifest: dict, hashed: list, print_fn: Callable) -> MergeResult:
     """Check, execute ``plan`` and write (``save_dir`` None: a dry run). ``inputs[0]`` is

@@ -12,7 +12,6 @@ short-lived peaks a sampling thread would miss.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -32,48 +31,12 @@ def _status_kb(field: str) -> int:
     return int(match.group(1)) * 1024
 
 
-def _libc_function(name: str):
-    """glibc's ``name`` (a C function), or None where there is no such libc (macOS, musl)."""
-    libc = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(libc), name, None) if libc else None
-
-
 def _release_free_heap() -> None:
-    trim = _libc_function("malloc_trim")
-    if trim is not None:
-        trim(0)
-
-
-# mallopt(3) parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-
-
-@contextlib.contextmanager
-def freed_host_memory_kept(largest_block: int = 1 << 30):
-    """While it lasts, glibc's malloc keeps freed blocks of up to ``largest_block`` bytes
-    for the next allocation instead of handing them back to the kernel.
-
-    By default a block over 128 KiB-32 MiB is mmap'ed and unmapped on free, so a process
-    that allocates and frees the same large size many times (``torch.load`` of hundreds of
-    checkpoint chunks, each into a fresh tensor: the merge) pays a page fault for every page
-    every time, which costs more than reading the bytes. Set with ``mallopt(3)``; on exit
-    the thresholds go back to glibc's initial 128 KiB (fixed from then on: glibc's sliding
-    threshold stays off) and the freed heap is returned to the kernel. Does nothing where
-    the C library has no ``mallopt``."""
-    mallopt = _libc_function("mallopt")
-    if mallopt is None:
-        yield
-        return
-    # (an int each: the trim threshold at its largest, so the heap never shrinks meanwhile)
-    mallopt(_M_MMAP_THRESHOLD, min(largest_block, 2**31 - 1))
-    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-        mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-        _release_free_heap()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
 
 
 @dataclass
