@@ -4,6 +4,8 @@
         --variants '{"v0": {}, "v2": {"midtrain_steps": 250, "sft_steps": 500}}' \
         --routers '{"v0r": ["v0", {"lr_router": 0.03, "router_epochs": 60}]}' \
         --mono '{"midtrain_steps": 250, "sft_steps": 500}' --mono-name mono2
+    python examples/demo_tuning.py --out runs/tune_w256 --spec '{"hidden_size": 256, "intermediate_size": 1024}' \
+        --variants '{"v0": {}}'
 
 One base (data, tokenizer, pretraining, general SFT, upcycle) with the demo's settings;
 then per variant (``DemoSettings`` fields overridden) the four BAR experts ([midtrain] ->
@@ -51,9 +53,12 @@ def main() -> None:
     ap.add_argument("--mono", default="", help="JSON overrides for monolithic retraining (empty: skip)")
     ap.add_argument("--mono-name", default="mono")
     ap.add_argument("--rl", action="store_true", help="RLVR in the experts (math, code)")
+    ap.add_argument("--spec", default="{}", help="JSON: TinyModelSpec overrides for the whole run "
+                    "(base included), e.g. '{\"hidden_size\": 256, \"intermediate_size\": 1024}'")
     a = ap.parse_args()
     out = a.out.resolve()
     s0 = P.DemoSettings(seed=a.seed)
+    s0 = replace(s0, spec=replace(s0.spec, **json.loads(a.spec)))
     if not a.rl:
         s0 = replace(s0, rl_steps=0)
     graph = JobGraph(out, P.REPO, parallel=2)
