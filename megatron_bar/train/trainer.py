@@ -34,6 +34,7 @@ from megatron_bar.bar.freeze import (
     format_freeze_table,
     freeze_counts,
 )
+from megatron_bar.bar.manifest import expert_names
 from megatron_bar.bar.vocab import copy_with_grown_vocab, mean_init_rows
 from megatron_bar.model.builder import build_model
 from megatron_bar.model.checkpoint import check_same_architecture, load_weights
@@ -188,22 +189,10 @@ def _global_loss(out) -> tuple[float, int]:
     return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
 
 
-def _expert_names(cfg: TrainConfig, model_cfg: ModelConfig) -> list[str]:
-    """Expert names from the merged checkpoint's manifest, else anchor / expert<e>."""
-    from megatron_bar.bar.manifest import MANIFEST_FILE, read_manifest
-
-    if (Path(cfg.model.load) / MANIFEST_FILE).is_file():
-        experts = sorted(read_manifest(Path(cfg.model.load))["experts"], key=lambda e: e["index"])
-        names = ["anchor"] + [e["name"] for e in experts]  # the manifest lists experts 1..N
-        if len(names) == model_cfg.num_experts:
-            return names
-    return ["anchor"] + [f"expert{e}" for e in range(1, model_cfg.num_experts)]
-
-
 def _init_router_from_domains(cfg, model, model_cfg, data):
     from megatron_bar.bar.router_stats import domain_mean_router_init, domain_probe_router_init
 
-    names = _expert_names(cfg, model_cfg)
+    names = expert_names(cfg.model.load, model_cfg.num_experts)
     batches = data.domain_batches(cfg.router.stats_sequences, cfg.train.micro_batch_size)
     expert_domains = [None if n == "anchor" else n for n in names]
     if cfg.router.init in ("domain_probe", "domain_routing"):
@@ -220,7 +209,7 @@ def _router_report(cfg, model, model_cfg, data, out_dir: Path, stem: str):
     from megatron_bar.bar.router_stats import routing_shares, write_routing_report
 
     batches = data.domain_batches(cfg.router.stats_sequences, cfg.train.micro_batch_size)
-    shares = routing_shares(model, batches, _expert_names(cfg, model_cfg))
+    shares = routing_shares(model, batches, expert_names(cfg.model.load, model_cfg.num_experts))
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, _ = write_routing_report(shares, out_dir, stem)
