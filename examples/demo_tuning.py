@@ -20,7 +20,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from megatron_bar.demo import domains as D
@@ -43,6 +43,21 @@ def _finished(stage: P.Stage) -> bool:
     return latest.read_text().strip() == f"iter_{stage.steps:07d}"
 
 
+def _json(ap: argparse.ArgumentParser, flag: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        ap.error(f"{flag}: not JSON ({e})")
+
+
+def _replaced(ap: argparse.ArgumentParser, flag: str, obj, overrides: dict):
+    """``obj`` (a dataclass) with ``overrides``; a parser error names a key it has no field for."""
+    unknown = sorted(set(overrides) - {f.name for f in fields(obj)})
+    if unknown:
+        ap.error(f"{flag}: {', '.join(unknown)} not a field of {type(obj).__name__}")
+    return replace(obj, **overrides)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -58,9 +73,16 @@ def main() -> None:
     a = ap.parse_args()
     out = a.out.resolve()
     s0 = P.DemoSettings(seed=a.seed)
-    s0 = replace(s0, spec=replace(s0.spec, **json.loads(a.spec)))
+    s0 = replace(s0, spec=_replaced(ap, "--spec", s0.spec, _json(ap, "--spec", a.spec)))
     if not a.rl:
         s0 = replace(s0, rl_steps=0)
+    variants = _json(ap, "--variants", a.variants)
+    routers = _json(ap, "--routers", a.routers)
+    mono = _json(ap, "--mono", a.mono) if a.mono else None
+    checks = [("--variants", {k: v for k, v in o.items() if k != "domains"}) for o in variants.values()]
+    checks += [("--routers", o) for _, o in routers.values()] + [("--mono", mono or {})]
+    for flag, overrides in checks:  # every bad key, before anything is written
+        _replaced(ap, flag, s0, overrides)
     graph = JobGraph(out, P.REPO, parallel=2)
     (out / "models").mkdir(parents=True, exist_ok=True)
     p = P.Planner(s0, out, graph)
@@ -85,7 +107,7 @@ def main() -> None:
         rows[f"{name} BAR"] = (q, r, None)
         rows[f"{name} BAR 4of5"] = (q, r, len(D.DOMAINS))
 
-    for name, overrides in json.loads(a.variants).items():
+    for name, overrides in variants.items():
         domains = overrides.pop("domains", D.DOMAINS)  # a subset: those experts alone, no merge
         q = planner(overrides)
         chains = {d: P.expert_chain(q, f"{name}_{d}", d, "upcycle", stages=("midtrain", "sft", "rlvr"))
@@ -99,13 +121,13 @@ def main() -> None:
                 "--topk", str(len(D.DOMAINS) + 1), "--save", out / "models" / f"{name}_merge"],
                deps=[c[-1] for c in chains.values()])
         router(q, name, f"{name}_merge")
-    for name, (variant, overrides) in json.loads(a.routers).items():
+    for name, (variant, overrides) in routers.items():
         merge = f"{variant}_merge"
         if merge not in graph.jobs:  # a variant of an earlier run: its merge exists
             graph.add(Job(merge, command=_noop))
         router(planner(overrides), name, merge)
-    if a.mono:
-        q = planner(json.loads(a.mono))
+    if mono is not None:
+        q = planner(mono)
         m = pre
         if q.s.midtrain_steps > 0:
             m = q.train(f"{a.mono_name}_midtrain", pre, "full", q.s.midtrain_steps * len(D.MIDTRAIN_DOMAINS),
